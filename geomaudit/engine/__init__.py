@@ -1,0 +1,1 @@
+"""Exact Hessian diagonals, coordinate sampling and statistics: pure torch/numpy, no printing."""

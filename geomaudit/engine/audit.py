@@ -1,0 +1,77 @@
+"""One checkpoint's audit: choose layers, sample coordinates, compute H_ii, summarise."""
+
+import fnmatch
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UsageError
+from ..results import CheckpointResult, LayerResult
+from .hdiag import DiagonalEngine, LossFn, MicroBatch
+from .sampling import sample_indices
+from .stats import diagonal_stats
+
+
+def select_layers(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
+    """Names of the trainable parameter tensors matching any glob in ``patterns`` (all if empty)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not patterns:
+        return names
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise UsageError(f"--layers {pattern!r} matches no trainable parameter "
+                             f"(names look like {names[0]!r})")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def audit_loss(model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch]) -> float:
+    """The audit loss Σ_b w_b L_b; a NaN or infinite loss is an input error."""
+    try:
+        with torch.no_grad():
+            loss = sum(mb.weight * float(loss_fn(model, mb.tensors)) for mb in micro_batches)
+    except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"the data does not fit the model: {first}") from err
+    if not math.isfinite(loss):
+        raise InputError(f"the loss on the audit batch is {loss}: the checkpoint or the data holds non-finite values")
+    return loss
+
+
+def audit_checkpoint(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batches: Sequence[MicroBatch],
+    layers: Sequence[str],
+    *,
+    coords: int,
+    seed: int,
+    topk: int = 10,
+    chunk_size: int | None = None,
+    path: str = "",
+    step: int | None = None,
+    on_layer: Callable[[int, int, str, int], None] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> CheckpointResult:
+    """Audit ``layers`` of ``model``: ``coords`` seeded coordinates each (SPEC §1–§2).
+
+    ``on_layer(position, count, name, work)`` announces each layer with its work in coordinate-passes
+    (coordinates × micro-batches); ``on_chunk(n)`` reports progress inside it.
+    """
+    loss = audit_loss(model, loss_fn, micro_batches)
+    engine = DiagonalEngine(model, loss_fn, micro_batches, chunk_size)
+    params = dict(model.named_parameters())
+    results = []
+    for position, name in enumerate(layers, 1):
+        shape = tuple(params[name].shape)
+        indices = sample_indices(shape, coords, seed)
+        if on_layer:
+            on_layer(position, len(layers), name, len(indices) * len(micro_batches))
+        start = time.perf_counter()
+        h = engine.diagonal(name, indices, on_chunk).double().cpu().numpy()
+        if not all(map(math.isfinite, h)):
+            raise InputError(f"the Hessian diagonal of {name} holds non-finite values")
+        results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk), time.perf_counter() - start))
+    return CheckpointResult(path, step, loss, tuple(results))

@@ -1,0 +1,1 @@
+"""Inputs: checkpoints and data."""

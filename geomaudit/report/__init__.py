@@ -1,0 +1,1 @@
+"""The report document, its JSON Schema and its rendering."""

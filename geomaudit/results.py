@@ -1,0 +1,53 @@
+"""Result types: frozen dataclasses with ``to_dict()`` matching the JSON schema (SPEC §4)."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def json_number(x: float) -> float | None:
+    """JSON has no inf/nan: an undefined ratio is written as ``null``."""
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Sampled Hessian diagonal of one parameter tensor and its statistics."""
+
+    name: str
+    shape: tuple[int, ...]
+    indices: np.ndarray
+    h_diag: np.ndarray
+    stats: dict[str, float]
+    seconds: float
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "numel": self.numel,
+            "coords": len(self.indices),
+            "indices": self.indices.tolist(),
+            "h_diag": self.h_diag.tolist(),
+            "stats": {k: v if k == "topk" else json_number(v) for k, v in self.stats.items()},
+            "seconds": round(self.seconds, 6),
+        }
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """Every audited layer of one checkpoint, with the audit loss it was measured at."""
+
+    path: str
+    step: int | None
+    loss: float
+    layers: tuple[LayerResult, ...]
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "step": self.step, "loss": self.loss,
+                "layers": [layer.to_dict() for layer in self.layers]}
