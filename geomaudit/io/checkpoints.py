@@ -58,6 +58,32 @@ def model_output_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     return loss
 
 
+def task_loss(task: str) -> Callable[[nn.Module, Mapping[str, Tensor]], Tensor]:
+    """The loss a Hugging Face head trains with, computed from the logits in the audit's precision.
+
+    Same formulas as transformers (shifted token cross-entropy for causal LMs, cross-entropy over
+    labelled tokens for masked LMs, the ``problem_type`` rule for classifiers), but transformers'
+    own loss casts logits to fp32, which would cap ``--precision fp64`` at fp32 accuracy.
+    """
+    import torch.nn.functional as F
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        if task == "causal-lm":
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        if task == "masked-lm":
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        problem = model.config.problem_type
+        if problem == "regression" or (problem is None and model.config.num_labels == 1):
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
+        if problem == "multi_label_classification" or (problem is None and labels.is_floating_point()):
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels)
+
+    return loss_fn
+
+
 def infer_task(architecture: str | None, has_labels: bool) -> str:
     """The task from a Hugging Face architecture name; a headless model becomes a classifier if the data has labels."""
     arch = architecture or ""
@@ -126,7 +152,7 @@ def _load_hf(path: Path, task: str, has_labels: bool, num_labels: int | None, se
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as err:
             raise InputError(f"cannot load the tokenizer in {path}: {_first_line(err)}") from err
-    return LoadedModel(model.eval(), model_output_loss, task, str(path), "huggingface", tokenizer,
+    return LoadedModel(model.eval(), task_loss(task), task, str(path), "huggingface", tokenizer,
                        sorted(info["missing_keys"]))
 
 

@@ -155,6 +155,9 @@ def _tokenize(records: TextRecords, loaded: LoadedModel, batch_size: int, max_le
                          "files, or pre-tokenized .safetensors/.pt data")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    positions = _max_positions(loaded)
+    if positions:
+        max_length = min(max_length, positions)
     texts = records.texts[:batch_size]
     enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
               return_special_tokens_mask=loaded.task == "masked-lm")
@@ -207,6 +210,11 @@ def _mask_tokens(tensors: dict[str, Tensor], tokenizer, seed: int) -> dict[str, 
     return {"input_ids": ids, "labels": labels}
 
 
+def _max_positions(loaded: LoadedModel) -> int | None:
+    config = getattr(loaded.model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def _check_fits(tensors: dict[str, Tensor], loaded: LoadedModel, source: str) -> None:
     """Catch data that cannot fit a Hugging Face model before it reaches an index error deep in torch."""
     config = getattr(loaded.model, "config", None)
@@ -216,7 +224,7 @@ def _check_fits(tensors: dict[str, Tensor], loaded: LoadedModel, source: str) ->
     vocab = getattr(config, "vocab_size", None)
     if vocab and int(ids.max()) >= vocab:
         raise InputError(f"{source} has token id {int(ids.max())}, beyond the model's vocabulary of {vocab}")
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    positions = _max_positions(loaded)
     if positions and ids.shape[-1] > positions:
         raise InputError(f"{source} has sequences of {ids.shape[-1]} tokens; the model takes at most {positions}")
     if loaded.task == "classification":

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny Hugging Face checkpoints saved with real tokenizers, and real-text data files."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "python_reference.jsonl"
+
+
+def example_rows() -> list[dict]:
+    return [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+
+
+def _bert_tokenizer():
+    from transformers import BertTokenizerFast
+
+    words = sorted({w.strip('.,;:()"').lower() for r in example_rows() for w in r["text"].split()} - {""})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words[:195]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def _gpt2_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([r["text"] for r in example_rows()], vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A saved BertForSequenceClassification (2 labels) with a WordPiece tokenizer of the example text."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = _bert_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=2,
+                        architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A saved GPT2LMHeadModel with a byte-level BPE tokenizer trained on the example text."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = _gpt2_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                        architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def examples_jsonl() -> Path:
+    return EXAMPLES
