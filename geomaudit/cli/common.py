@@ -38,7 +38,7 @@ def handle_errors(ctx: typer.Context):
     except GeomauditError as err:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]error:[/] {err}", highlight=False)
+        stderr.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -47,7 +47,7 @@ def handle_errors(ctx: typer.Context):
         if debug:
             traceback.print_exc()
         stderr.print(f"[bold red]internal error:[/] {type(err).__name__}: {err} (rerun with --debug for the traceback)",
-                     highlight=False)
+                     highlight=False, soft_wrap=True)
         raise typer.Exit(INTERNAL_ERROR) from None
 
 

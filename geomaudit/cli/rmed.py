@@ -100,7 +100,7 @@ class _progress:
             self.bar.update(self.layers, total=count, completed=position - 1)
             self.bar.reset(self.coords, total=work, description=f"  {name}", visible=True)
 
-        return Callbacks(on_status=lambda msg: stderr.print(msg, highlight=False), on_layer=on_layer,
+        return Callbacks(on_status=lambda msg: stderr.print(msg, highlight=False, soft_wrap=True), on_layer=on_layer,
                          on_chunk=lambda n: self.bar.advance(self.coords, n))
 
     def __exit__(self, *exc):

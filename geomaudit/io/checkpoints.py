@@ -118,10 +118,11 @@ def load_checkpoint(path: str | os.PathLike, *, task: str = "auto", has_labels: 
         raise UsageError(f"{p} is a plain state dict: say which model it belongs to with --model module:factory")
     if not (p / "config.json").is_file():
         raise InputError(f"{p} is not a Hugging Face checkpoint directory (it has no config.json)")
-    return _load_hf(p, task, has_labels, num_labels, seed)
+    return _load_hf(p, task, has_labels, num_labels, seed, allow_pickle)
 
 
-def _load_hf(path: Path, task: str, has_labels: bool, num_labels: int | None, seed: int) -> LoadedModel:
+def _load_hf(path: Path, task: str, has_labels: bool, num_labels: int | None, seed: int,
+             allow_pickle: bool) -> LoadedModel:
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -137,13 +138,19 @@ def _load_hf(path: Path, task: str, has_labels: bool, num_labels: int | None, se
     auto_class = {"causal-lm": transformers.AutoModelForCausalLM, "masked-lm": transformers.AutoModelForMaskedLM,
                   "classification": transformers.AutoModelForSequenceClassification}[task]
     new_head = task == "classification" and not architecture.endswith("ForSequenceClassification")
-    kwargs = {"num_labels": num_labels} if new_head and num_labels else {}
-    _check_pickles(path)
+    state = _pickled_state(path, allow_pickle)
     torch.manual_seed(seed)
     try:
-        model, info = auto_class.from_pretrained(
-            path, local_files_only=True, attn_implementation="eager", dtype=torch.float32,
-            output_loading_info=True, trust_remote_code=False, **kwargs)
+        if num_labels and new_head:
+            config.num_labels = num_labels
+        if state is None:
+            model, info = auto_class.from_pretrained(
+                path, config=config, local_files_only=True, attn_implementation="eager", dtype=torch.float32,
+                output_loading_info=True, trust_remote_code=False)
+        else:
+            model, info = auto_class._model_mapping[type(config)].from_pretrained(
+                None, config=config, state_dict=state, attn_implementation="eager", dtype=torch.float32,
+                output_loading_info=True)
     except Exception as err:
         raise InputError(f"cannot load the checkpoint {path}: {_first_line(err)}") from err
     tokenizer = None
@@ -156,18 +163,26 @@ def _load_hf(path: Path, task: str, has_labels: bool, num_labels: int | None, se
                        sorted(info["missing_keys"]))
 
 
-def _check_pickles(path: Path) -> None:
-    """Refuse a ``pytorch_model*.bin`` that needs code execution to unpickle, before transformers reads it."""
-    for f in sorted(path.glob("pytorch_model*.bin")):
-        if not (path / "model.safetensors").exists():
-            _torch_load(f, allow_pickle=False, hint="re-save the checkpoint with safetensors")
+def _pickled_state(path: Path, allow_pickle: bool) -> dict[str, Tensor] | None:
+    """Check ``pytorch_model*.bin`` files before transformers reads them with ``weights_only=True``.
+
+    A file that needs code execution is refused unless ``allow_pickle``; then its tensors are read here
+    and handed to transformers as the state dict.
+    """
+    bins = [] if any(path.glob("*.safetensors")) else sorted(path.glob("pytorch_model*.bin"))
+    if allow_pickle:
+        return {k: v for f in bins for k, v in _torch_load(f, allow_pickle=True).items()} or None
+    for f in bins:
+        _torch_load(f, allow_pickle=False)
+    return None
 
 
-def _torch_load(path: Path, allow_pickle: bool, hint: str = "pass --allow-pickle if you trust the file"):
+def _torch_load(path: Path, allow_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=not allow_pickle)
     except pickle.UnpicklingError as err:
-        raise InputError(f"refusing to unpickle {path}: it needs code execution beyond plain tensors ({hint})") from err
+        raise InputError(f"refusing to unpickle {path}: it needs code execution beyond plain tensors "
+                         "(pass --allow-pickle if you trust the file)") from err
     except Exception as err:
         raise InputError(f"cannot read {path}: {_first_line(err)}") from err
 

@@ -1,0 +1,188 @@
+"""Every error path: one sentence on stderr, its exit code (SPEC §4), no traceback, no partial output."""
+
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from geomaudit.cli import app
+
+runner = CliRunner()
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def mse(model, batch):
+        return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+
+    def broken(model, batch):
+        return 1 / 0
+""")
+
+
+class Opaque:
+    """Pickled by reference: loading it needs code execution, which weights_only refuses."""
+
+
+def fail(args: list[str], code: int, *phrases: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.fixture
+def plain(tmp_path, monkeypatch):
+    """A working directory with a model factory module, its state dict and pre-tokenized data."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tinymlp.py").write_text(FACTORY)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    save_file(model.state_dict(), tmp_path / "mlp.safetensors")
+    save_file({"x": torch.randn(10, 3), "y": torch.randn(10)}, tmp_path / "data.safetensors")
+    return tmp_path
+
+
+def test_plain_state_dict_with_factory_and_loss_works(plain):
+    result = runner.invoke(app, ["rmed", "mlp.safetensors", "--model", "tinymlp:build", "--loss", "tinymlp:mse",
+                                 "--data", "data.safetensors", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["model"]["format"] == "state_dict" and document["model"]["task"] == "custom"
+    assert [layer["name"] for layer in document["checkpoints"][0]["layers"]] == ["0.weight", "0.bias", "2.weight",
+                                                                                 "2.bias"]
+
+
+def test_missing_checkpoint(tmp_path):
+    fail(["rmed", str(tmp_path / "nope"), "--data", "x.jsonl"], 3, "does not exist")
+
+
+def test_directory_without_config(tmp_path):
+    fail(["rmed", str(tmp_path)], 3, "no config.json")
+
+
+def test_corrupt_safetensors_in_checkpoint_directory(tiny_bert_dir, tmp_path, examples_jsonl):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    fail(["rmed", str(broken), "--data", str(examples_jsonl)], 3, "cannot load the checkpoint")
+
+
+def test_corrupt_plain_safetensors(plain):
+    (plain / "bad.safetensors").write_bytes(b"not a safetensors file")
+    fail(["rmed", "bad.safetensors", "--model", "tinymlp:build", "--data", "data.safetensors"], 3,
+         "not a valid safetensors file")
+
+
+def test_state_dict_without_model_factory(plain):
+    fail(["rmed", "mlp.safetensors", "--data", "data.safetensors"], 2, "--model module:factory")
+
+
+def test_mismatched_shapes(plain):
+    save_file({"0.weight": torch.zeros(5, 3), "0.bias": torch.zeros(5), "2.weight": torch.zeros(1, 5),
+               "2.bias": torch.zeros(1)}, plain / "wide.safetensors")
+    fail(["rmed", "wide.safetensors", "--model", "tinymlp:build", "--loss", "tinymlp:mse",
+          "--data", "data.safetensors"], 3, "does not fit the model")
+
+
+def test_pickle_needing_code_is_refused_and_names_the_flag(plain):
+    torch.save({"0.weight": torch.zeros(4, 3), "extra": Opaque()}, plain / "evil.pt")
+    fail(["rmed", "evil.pt", "--model", "tinymlp:build", "--data", "data.safetensors"], 3,
+         "refusing to unpickle", "--allow-pickle")
+
+
+def test_bad_factory_spec(plain):
+    fail(["rmed", "mlp.safetensors", "--model", "tinymlp", "--data", "data.safetensors"], 2, "module:name")
+    fail(["rmed", "mlp.safetensors", "--model", "tinymlp:nothing", "--data", "data.safetensors"], 2, "nothing")
+
+
+def test_nan_loss(plain):
+    save_file({"0.weight": torch.full((4, 3), float("nan")), "0.bias": torch.zeros(4), "2.weight": torch.zeros(1, 4),
+               "2.bias": torch.zeros(1)}, plain / "nan.safetensors")
+    fail(["rmed", "nan.safetensors", "--model", "tinymlp:build", "--loss", "tinymlp:mse",
+          "--data", "data.safetensors"], 3, "loss on the audit batch is nan")
+
+
+def test_data_that_does_not_fit_the_model(plain):
+    save_file({"x": torch.randn(10, 7), "y": torch.randn(10)}, plain / "wide.safetensors")
+    fail(["rmed", "mlp.safetensors", "--model", "tinymlp:build", "--loss", "tinymlp:mse",
+          "--data", "wide.safetensors"], 3, "does not fit the model")
+
+
+def test_token_ids_beyond_the_vocabulary(tiny_gpt2_dir, tmp_path):
+    save_file({"input_ids": torch.full((2, 5), 10_000)}, tmp_path / "ids.safetensors")
+    fail(["rmed", str(tiny_gpt2_dir), "--data", str(tmp_path / "ids.safetensors")], 3, "beyond the model's vocabulary")
+
+
+def test_tensors_of_different_lengths(tiny_gpt2_dir, tmp_path):
+    save_file({"input_ids": torch.ones(3, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long)},
+              tmp_path / "ragged.safetensors")
+    fail(["rmed", str(tiny_gpt2_dir), "--data", str(tmp_path / "ragged.safetensors")], 3, "differ in length")
+
+
+def test_missing_and_malformed_data(tiny_bert_dir, tmp_path):
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "none.jsonl")], 3, "does not exist")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine", "label": 0}\n{"text": oops}\n')
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "bad.jsonl")], 3, "line 2 is not valid JSON")
+    (tmp_path / "notext.jsonl").write_text('{"sentence": "fine", "label": 0}\n')
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "notext.jsonl")], 3, "`text` field")
+    (tmp_path / "data.parquet").write_text("x")
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "data.parquet")], 2, "cannot read data of type")
+
+
+def test_classifier_needs_labels_in_range(tiny_bert_dir, tmp_path):
+    (tmp_path / "plain.txt").write_text("one sentence\nanother sentence\n")
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "plain.txt")], 3, "needs a `label`")
+    (tmp_path / "far.jsonl").write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 7}\n')
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "far.jsonl")], 3, "labels outside 0..1")
+    (tmp_path / "words.jsonl").write_text('{"text": "a b", "label": "maybe"}\n')
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "words.jsonl")], 3, "neither an integer")
+
+
+def test_classifier_without_data(tiny_bert_dir):
+    fail(["rmed", str(tiny_bert_dir)], 2, "--data is needed")
+
+
+def test_layer_glob_matching_nothing(tiny_gpt2_dir):
+    fail(["rmed", str(tiny_gpt2_dir), "--layers", "encoder.*"], 2, "matches no trainable parameter")
+
+
+def test_bad_option_values(tiny_gpt2_dir):
+    fail(["rmed", str(tiny_gpt2_dir), "--coords", "0"], 2, "--coords must be at least 1")
+    fail(["rmed", str(tiny_gpt2_dir), "--coords", "20", "--layers", "50"], 2, "give the number of coordinates once")
+    fail(["rmed", str(tiny_gpt2_dir), "--device", "tpu9"], 2, "--device")
+    if not torch.cuda.is_available():
+        fail(["rmed", str(tiny_gpt2_dir), "--device", "cuda"], 2, "no CUDA device")
+    fail(["rmed", str(tiny_gpt2_dir), "--loss", "tinymlp:mse"], 2, "--loss needs --model")
+
+
+def test_json_into_a_missing_folder_fails_before_the_work(tiny_gpt2_dir, tmp_path):
+    fail(["rmed", str(tiny_gpt2_dir), "--json", str(tmp_path / "no" / "r.json")], 2, "does not exist")
+
+
+def test_failed_audit_leaves_no_json_file(plain):
+    out = plain / "report.json"
+    save_file({"0.weight": torch.full((4, 3), float("inf")), "0.bias": torch.zeros(4), "2.weight": torch.ones(1, 4),
+               "2.bias": torch.zeros(1)}, plain / "inf.safetensors")
+    fail(["rmed", "inf.safetensors", "--model", "tinymlp:build", "--loss", "tinymlp:mse",
+          "--data", "data.safetensors", "--json", str(out)], 3)
+    assert list(plain.glob("report.json*")) == [] and list(plain.glob(".report.json*")) == []
+
+
+def test_unexpected_exception_is_an_internal_error_and_debug_shows_it(plain):
+    args = ["rmed", "mlp.safetensors", "--model", "tinymlp:build", "--loss", "tinymlp:broken",
+            "--data", "data.safetensors"]
+    fail(args, 4, "internal error", "ZeroDivisionError", "--debug")
+    result = runner.invoke(app, ["--debug", *args])
+    assert result.exit_code == 4 and "Traceback" in result.stderr
