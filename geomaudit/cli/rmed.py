@@ -73,6 +73,9 @@ def rmed(
                              precision.value, task.value, model, loss, allow_pickle, chunk_size)
         with _progress() as progress:
             document = run_rmed(config, progress)
+        if document["model"]["initialised"]:
+            stderr.print(f"note: {', '.join(document['model']['initialised'])} not in the checkpoint: "
+                         f"initialised from --seed {seed}", highlight=False, soft_wrap=True)
         emit(document, json_path, _render)
 
 

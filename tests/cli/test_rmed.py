@@ -121,6 +121,8 @@ def test_masked_lm_task_masks_deterministically(tiny_bert_dir, examples_jsonl):
     a, b, c = rmed_json(*args), rmed_json(*args), rmed_json(*args, "--seed", "3")
     assert a["model"]["class"] == "BertForMaskedLM"
     assert any(name.startswith("cls.") for name in a["model"]["initialised"])
+    table = runner.invoke(app, ["rmed", *args])
+    assert table.exit_code == 0 and "initialised from --seed 0" in table.stderr
     assert a["data"]["fingerprint"] == b["data"]["fingerprint"] != c["data"]["fingerprint"]
     assert a["checkpoints"][0]["layers"][0]["h_diag"] == b["checkpoints"][0]["layers"][0]["h_diag"]
     assert 8 <= a["data"]["loss_items"] < 8 * 20
