@@ -81,8 +81,8 @@ class DiagonalEngine:
         with only_requires_grad(self.model, param):
             for mb in self.micro_batches:
                 loss = self.loss_fn(self.model, mb.tensors)
-                (grad,) = torch.autograd.grad(loss, param, create_graph=True, allow_unused=True)
-                if grad is None or not grad.requires_grad:  # L_b is at most linear in θ: H = 0
+                grad = torch.autograd.grad(loss, param, create_graph=True)[0] if loss.requires_grad else None
+                if grad is None or not grad.requires_grad:  # L_b ignores θ or is linear in it: H = 0
                     if on_chunk:
                         on_chunk(len(idx))
                     continue

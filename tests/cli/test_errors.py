@@ -186,3 +186,94 @@ def test_unexpected_exception_is_an_internal_error_and_debug_shows_it(plain):
     fail(args, 4, "internal error", "ZeroDivisionError", "--debug")
     result = runner.invoke(app, ["--debug", *args])
     assert result.exit_code == 4 and "Traceback" in result.stderr
+
+
+def test_more_checkpoint_errors(plain, tiny_gpt2_dir, tmp_path):
+    fail(["rmed", str(plain), "--model", "tinymlp:build"], 2, "is a directory")
+    (plain / "junk.pt").write_bytes(b"\x00not a torch file")
+    fail(["rmed", "junk.pt", "--model", "tinymlp:build", "--data", "data.safetensors"], 3, "cannot read")
+    torch.save([torch.zeros(1)], plain / "list.pt")
+    fail(["rmed", "list.pt", "--model", "tinymlp:build", "--data", "data.safetensors"], 3, "does not hold a state dict")
+    (plain / "extra.py").write_text(textwrap.dedent("""
+        import torch
+        VALUE = 3
+        def not_module():
+            return 3
+        class Raw(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(3, 1)
+            def forward(self, x, y):
+                return self.lin(x)
+    """))
+    save_file(extra_raw_state(), plain / "raw.safetensors")
+    fail(["rmed", "mlp.safetensors", "--model", "extra:VALUE", "--data", "data.safetensors"], 2, "not callable")
+    fail(["rmed", "mlp.safetensors", "--model", "extra:not_module", "--data", "data.safetensors"], 2,
+         "not a torch.nn.Module")
+    fail(["rmed", "raw.safetensors", "--model", "extra:Raw", "--data", "data.safetensors"], 3, "no scalar loss")
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(tiny_gpt2_dir, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    fail(["rmed", str(bad_config)], 3, "cannot read")
+    bad_tok = tmp_path / "bad-tokenizer"
+    shutil.copytree(tiny_gpt2_dir, bad_tok)
+    (bad_tok / "tokenizer.json").write_text("{broken")
+    fail(["rmed", str(bad_tok)], 3, "cannot load the tokenizer")
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_gpt2_dir, no_tok, ignore=shutil.ignore_patterns("tokenizer*"))
+    fail(["rmed", str(no_tok)], 2, "--data is needed")
+    (tmp_path / "lines.txt").write_text("some text\n")
+    fail(["rmed", str(no_tok), "--data", str(tmp_path / "lines.txt")], 3, "text data needs a tokenizer")
+
+
+def extra_raw_state():
+    return {"lin.weight": torch.ones(1, 3), "lin.bias": torch.zeros(1)}
+
+
+def test_more_data_errors(tiny_bert_dir, tiny_gpt2_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "empty.jsonl")], 3, "holds no examples")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    fail(["rmed", str(tiny_gpt2_dir), "--data", str(tmp_path / "latin.txt")], 3, "not UTF-8")
+    (tmp_path / "list.jsonl").write_text('["text", 1]\n')
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "list.jsonl")], 3, "line 1 is not a JSON object")
+    save_file({}, tmp_path / "nothing.safetensors")
+    fail(["rmed", str(tiny_gpt2_dir), "--data", str(tmp_path / "nothing.safetensors")], 3, "holds no tensors")
+    save_file({"input_ids": torch.ones(2, 100, dtype=torch.long)}, tmp_path / "long.safetensors")
+    fail(["rmed", str(tiny_gpt2_dir), "--data", str(tmp_path / "long.safetensors")], 3, "the model takes at most 64")
+    save_file({"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.full((2, 5), -100)},
+              tmp_path / "nolabels.safetensors")
+    fail(["rmed", str(tiny_gpt2_dir), "--data", str(tmp_path / "nolabels.safetensors")], 3, "leaves no token")
+    save_file({"input_ids": torch.ones(2, 5, dtype=torch.long)}, tmp_path / "ids.safetensors")
+    no_tok = tmp_path / "bert-no-tokenizer"
+    shutil.copytree(tiny_bert_dir, no_tok, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special*"))
+    fail(["rmed", str(no_tok), "--task", "masked-lm", "--data", str(tmp_path / "ids.safetensors")], 3, "mask token")
+
+
+def test_library_level_errors():
+    import numpy as np
+
+    from geomaudit.engine.stats import diagonal_stats
+    from geomaudit.errors import UsageError
+    from geomaudit.runtime import set_precision
+
+    with pytest.raises(UsageError, match="--precision must be one of"):
+        set_precision("bf16")
+    with pytest.raises(ValueError, match="no coordinates"):
+        diagonal_stats(np.array([]))
+
+
+def test_non_finite_hessian_is_an_input_error():
+    from geomaudit.engine.audit import audit_checkpoint
+    from geomaudit.engine.hdiag import MicroBatch
+    from geomaudit.errors import InputError
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    model = torch.nn.Module()
+    model.w = weight
+
+    def loss(m, batch):  # finite at w = (1, 0), but d²/dw² of |w|^1.5 is infinite at 0
+        return (m.w.abs() ** 1.5).sum()
+
+    with pytest.raises(InputError, match="Hessian diagonal of w holds non-finite values"):
+        audit_checkpoint(model, loss, [MicroBatch({}, 1.0)], ["w"], coords=2, seed=0)
