@@ -9,6 +9,15 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "python_reference.jsonl"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and thrash on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def example_rows() -> list[dict]:
     return [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
 

@@ -1,7 +1,5 @@
 """The ``geomaudit`` command line: one small module per command; heavy imports happen inside them."""
 
-import typer
-
 from .common import app
 from . import rmed  # noqa: F401  (registers the command)
 

@@ -14,8 +14,9 @@ def rmed_tables(document: dict) -> list[Table]:
     for ckpt in document["checkpoints"]:
         step = "" if ckpt["step"] is None else f" step {ckpt['step']}"
         topk = document["settings"]["topk"]
-        table = Table(title=f"{ckpt['path']}{step}: loss {ckpt['loss']:.4g} on {data['examples']} examples of {data['source']} "
-                            f"({data['fingerprint'][:19]}…)", title_justify="left")
+        title = (f"{ckpt['path']}{step}: loss {ckpt['loss']:.4g} on {data['examples']} examples of {data['source']} "
+                 f"({data['fingerprint'][:19]}…)")
+        table = Table(title=title, title_justify="left")
         table.add_column("layer", overflow="fold", min_width=24)
         for col in ("shape", "coords"):
             table.add_column(col)

@@ -54,7 +54,8 @@ def test_json_report_is_complete_and_consistent(tiny_bert_dir, examples_jsonl, t
         assert layer["indices"] == sorted(set(layer["indices"])) and layer["indices"][-1] < layer["numel"]
         expected = diagonal_stats(np.array(layer["h_diag"]), topk=5)
         for key, value in expected.items():
-            assert layer["stats"][key] == pytest.approx(value) or (layer["stats"][key] is None and not np.isfinite(value))
+            got = layer["stats"][key]
+            assert got == pytest.approx(value) if np.isfinite(value) else got is None
 
 
 def test_integer_layers_means_coordinates_per_layer(tiny_gpt2_dir):

@@ -19,14 +19,6 @@ from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch
 from geomaudit.engine.stats import diagonal_stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def deep_linear(dims, seed):
     torch.manual_seed(seed)

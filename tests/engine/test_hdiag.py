@@ -83,15 +83,6 @@ def causal_lm_loss_fp64(model, tensors):
                                        tensors["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: intra-op threads only add synchronisation, which costs up to 100x on a
-    loaded 2-core machine. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------- tiny models
 

@@ -17,14 +17,6 @@ from geomaudit.engine.sampling import sample_indices
 from geomaudit.engine.stats import diagonal_stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------- diagonal_stats
 
@@ -149,7 +141,8 @@ def quadratic_loss(model, tensors):
 
 def engine_rmed(model):
     """R_med of the quadratic from the engine's exact H_ii of every coordinate."""
-    h = DiagonalEngine(model, quadratic_loss, [MicroBatch({}, 1.0)], chunk_size=64).diagonal("x", range(model.x.numel()))
+    engine = DiagonalEngine(model, quadratic_loss, [MicroBatch({}, 1.0)], chunk_size=64)
+    h = engine.diagonal("x", range(model.x.numel()))
     assert torch.equal(h, model.lam)  # H_ii = λ_i exactly
     return diagonal_stats(h.numpy())["r_med"]
 
