@@ -51,8 +51,8 @@ class DiagonalEngine:
     """Computes H_ii for chosen coordinates of any parameter of ``model``.
 
     ``chunk_size`` is the number of tangents per batched HVP; ``None`` picks the device's default,
-    capped so that one chunk of tangents and Hessian columns stays within a memory budget. The
-    chunk size found after out-of-memory back-off is kept for later layers.
+    capped so that one chunk of tangents and Hessian columns stays within a memory budget. A chunk
+    halved on out-of-memory stays halved for later layers, unless the layer's own size had capped it.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch],
@@ -95,7 +95,9 @@ class DiagonalEngine:
                     except torch.OutOfMemoryError:
                         if chunk == 1:
                             raise
-                        chunk = self.chunk_size = max(1, chunk // 2)
+                        if chunk == self.chunk_size:  # not a cap for this layer's size alone: keep it for later layers
+                            self.chunk_size = chunk // 2
+                        chunk //= 2
                         torch.cuda.empty_cache()
                         continue
                     start += len(sel)
