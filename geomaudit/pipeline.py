@@ -1,22 +1,26 @@
 """From command-line settings to a report: io → engine → results (no printing here)."""
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .engine.audit import audit_checkpoint, select_layers
-from .errors import UsageError
-from .io.checkpoints import load_checkpoint
-from .io.data import TextRecords, build_batch, embedded_corpus, read_records
+from .cache import CacheEntry, checkpoint_digest
+from .engine.audit import audit_checkpoint, audit_loss, select_layers
+from .errors import InputError, UsageError
+from .io.checkpoints import LoadedModel, load_checkpoint
+from .io.data import AuditBatch, TextRecords, build_batch, embedded_corpus, read_records
+from .io.trajectory import CheckpointRef, discover, expand_runs
 from .report.document import report_document
+from .results import CheckpointResult, json_number
 from .runtime import resolve_device, set_precision
 
 EMBEDDED_SOURCE = "embedded corpus (pydoc_data.topics)"
+LOSS_SOURCES = ("audit", "trainer_state")
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """Everything an ``rmed`` audit depends on; recorded in the report's ``settings``."""
+    """Everything an audit depends on; recorded in the report's ``settings``."""
 
     checkpoint: str
     data: str | None = None
@@ -34,15 +38,21 @@ class AuditConfig:
     loss: str | None = None
     allow_pickle: bool = False
     chunk_size: int | None = None
+    steps: tuple[int, ...] | None = None
+    every: int | None = None
+    loss_from: str = "audit"
+    cache_dir: str | None = None
 
     def validate(self) -> None:
         for name in ("coords", "topk", "batch_size", "micro_batch", "max_length", "chunk_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.loss_from not in LOSS_SOURCES:
+            raise UsageError(f"--loss-from must be one of {', '.join(LOSS_SOURCES)}, got {self.loss_from!r}")
 
     def settings(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "data")}
+        return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "data", "cache_dir")}
 
 
 @dataclass
@@ -65,31 +75,162 @@ def _label_count(records) -> int | None:
     return max(2, max(int(v) for v in labels) + 1)
 
 
+class Auditor:
+    """Audits checkpoints of one architecture on one batch, built once from the first checkpoint loaded."""
+
+    def __init__(self, config: AuditConfig, progress: Progress | None = None):
+        config.validate()
+        self.config, self.progress = config, progress or Progress()
+        self.device, self.dtype = resolve_device(config.device), set_precision(config.precision)
+        self.records = read_records(Path(config.data)) if config.data else None
+        self.batch: AuditBatch | None = None
+        self.model_info: dict | None = None
+        self._loaded: tuple[Path, LoadedModel, list] | None = None
+
+    def _load(self, path: Path) -> tuple[LoadedModel, list]:
+        """The checkpoint at ``path`` on the audit device, with its micro-batches (the last one is kept)."""
+        if self._loaded and self._loaded[0] == path:
+            return self._loaded[1], self._loaded[2]
+        c, records = self.config, self.records
+        has_labels = (isinstance(records, TextRecords) and records.labels is not None) or (
+            isinstance(records, dict) and "labels" in records)
+        self.progress.status(f"loading {path}")
+        loaded = load_checkpoint(path, task=c.task, has_labels=has_labels, num_labels=_label_count(records),
+                                 factory=c.model, loss=c.loss, allow_pickle=c.allow_pickle, seed=c.seed)
+        if self.batch is None:
+            source = c.data
+            if records is None:
+                if loaded.task not in ("causal-lm", "masked-lm") or loaded.tokenizer is None:
+                    raise UsageError("--data is needed: only a language model with a tokenizer has a default batch")
+                records, source = embedded_corpus(), EMBEDDED_SOURCE
+            self.batch = build_batch(records, loaded, batch_size=c.batch_size, max_length=c.max_length,
+                                     seed=c.seed, source=source)
+            self.model_info = loaded.describe()
+        model = loaded.model.to(device=self.device, dtype=self.dtype)
+        micro = self.batch.micro_batches(loaded, c.micro_batch or self.batch.examples, self.device, self.dtype)
+        self._loaded = (path, loaded, micro)
+        return loaded, micro
+
+    def _cache(self, path: Path) -> CacheEntry:
+        c = self.config
+        key = {"checkpoint": checkpoint_digest(path), "data": self.batch.fingerprint, "coords": c.coords,
+               "seed": c.seed, "precision": c.precision, "task": c.task, "micro_batch": c.micro_batch,
+               "model": c.model, "loss": c.loss}
+        entry = CacheEntry(Path(c.cache_dir) if c.cache_dir else None, key)
+        if entry.corrupt:
+            self.progress.status(f"ignoring a corrupt cache entry for {path}: recomputing")
+        return entry
+
+    def loss(self, ref: CheckpointRef) -> float:
+        """The audit loss of a checkpoint, or its logged training loss with ``--loss-from trainer_state``."""
+        if self.config.loss_from == "trainer_state":
+            if ref.logged_loss is None:
+                raise InputError(f"trainer_state.json logs no loss at step {ref.step} ({ref.path})")
+            return ref.logged_loss
+        loaded, micro = self._load(ref.path)
+        entry = self._cache(ref.path)
+        if entry.loss is None:
+            entry.save(audit_loss(loaded.model, loaded.loss_fn, micro))
+        return entry.loss
+
+    def audit(self, ref: CheckpointRef, run: str | None = None) -> CheckpointResult:
+        """Every selected layer of one checkpoint, reusing and extending its cache entry."""
+        loaded, micro = self._load(ref.path)
+        entry = self._cache(ref.path)
+        loss = entry.loss if entry.loss is not None else audit_loss(loaded.model, loaded.loss_fn, micro)
+        c = self.config
+        result = audit_checkpoint(
+            loaded.model, loaded.loss_fn, micro, select_layers(loaded.model, c.layers), coords=c.coords,
+            seed=c.seed, topk=c.topk, chunk_size=c.chunk_size, path=str(ref.path), step=ref.step, loss=loss,
+            cached=entry.layers, on_result=lambda layer: entry.save(loss, layer.to_dict()),
+            on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk)
+        entry.save(loss)
+        return CheckpointResult(result.path, result.step, result.loss, result.layers, run, ref.logged_loss)
+
+    def document(self, command: str, checkpoints: list[CheckpointResult], extra: dict) -> dict:
+        micro = self._loaded[2]
+        data = self.batch.describe() | {"loss_items": sum(self._loaded[1].loss_items(mb.tensors) for mb in micro)}
+        return report_document(command, self.config.settings(), self.model_info, data, checkpoints,
+                               self.device, self.dtype) | extra
+
+
 def run_rmed(config: AuditConfig, progress: Progress | None = None) -> dict:
-    """Audit one checkpoint and return the report document (SPEC §4)."""
-    progress = progress or Progress()
-    config.validate()
-    device, dtype = resolve_device(config.device), set_precision(config.precision)
-    records = read_records(Path(config.data)) if config.data else None
-    has_labels = (isinstance(records, TextRecords) and records.labels is not None) or (
-        isinstance(records, dict) and "labels" in records)
-    progress.status(f"loading {config.checkpoint}")
-    loaded = load_checkpoint(config.checkpoint, task=config.task, has_labels=has_labels,
-                             num_labels=_label_count(records), factory=config.model, loss=config.loss,
-                             allow_pickle=config.allow_pickle, seed=config.seed)
-    source = config.data
-    if records is None:
-        if loaded.task not in ("causal-lm", "masked-lm") or loaded.tokenizer is None:
-            raise UsageError("--data is needed: only a language model with a tokenizer has a default batch")
-        records, source = embedded_corpus(), EMBEDDED_SOURCE
-    batch = build_batch(records, loaded, batch_size=config.batch_size, max_length=config.max_length,
-                        seed=config.seed, source=source)
-    model = loaded.model.to(device=device, dtype=dtype)
-    micro = batch.micro_batches(loaded, config.micro_batch or batch.examples, device, dtype)
-    layers = select_layers(model, config.layers)
-    progress.status(f"auditing {len(layers)} layers on {batch.examples} examples")
-    result = audit_checkpoint(model, loaded.loss_fn, micro, layers, coords=config.coords, seed=config.seed,
-                              topk=config.topk, chunk_size=config.chunk_size, path=config.checkpoint,
-                              on_layer=progress.on_layer, on_chunk=progress.on_chunk)
-    data = batch.describe() | {"loss_items": sum(loaded.loss_items(mb.tensors) for mb in micro)}
-    return report_document("rmed", config.settings(), loaded.describe(), data, [result], device, dtype)
+    """Audit one checkpoint, or every picked checkpoint of a trajectory on the same batch (SPEC §4)."""
+    trajectory = discover(config.checkpoint, config.steps, config.every)
+    auditor = Auditor(config, progress)
+    results = []
+    for n, ref in enumerate(trajectory.checkpoints, 1):
+        auditor.progress.status(f"checkpoint {n}/{len(trajectory.checkpoints)}: {ref.path}")
+        results.append(auditor.audit(ref, str(trajectory.root)))
+    return auditor.document("rmed", results, {"trajectories": [trajectory.describe()]})
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """How two sets of runs are paired and compared (SPEC §4; paper Tables 1–2 and 7)."""
+
+    runs_a: tuple[str, ...]
+    runs_b: tuple[str, ...]
+    match_loss: bool = False
+    tolerance: float = 0.02
+    levels: tuple[float, ...] | None = None
+    reference: str = "a"
+    metric: str = "r_med_stab"
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def _point(point) -> dict:
+    return {"run": point.run, "step": point.step, "loss": point.loss}
+
+
+def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress | None = None) -> dict:
+    """Pair the checkpoints of runs A and B by step or by loss, audit the paired ones on one batch, compare."""
+    from .compare import Point, layer_rows, pair_by_loss, pair_by_step, summarize
+
+    if compare.reference not in ("a", "b"):
+        raise UsageError(f"--reference must be a or b, got {compare.reference!r}")
+    sides = {side: [discover(p, config.steps, config.every) for p in expand_runs(patterns)]
+             for side, patterns in (("a", compare.runs_a), ("b", compare.runs_b))}
+    auditor = Auditor(config, progress)
+    refs = {(str(t.root), ref.step): ref for runs in sides.values() for t in runs for ref in t.checkpoints}
+    curves = {side: [[Point(str(t.root), ref.step, auditor.loss(ref), {}) for ref in t.checkpoints] for t in runs]
+              for side, runs in sides.items()}
+    try:
+        pairings = (pair_by_loss(curves["a"], curves["b"], compare.levels, compare.tolerance) if compare.match_loss
+                    else pair_by_step(curves["a"], curves["b"]))
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    audited: dict[tuple, CheckpointResult] = {}
+
+    def with_values(point: Point) -> Point:
+        key = (point.run, point.step)
+        if key not in audited:
+            auditor.progress.status(f"auditing {refs[key].path}")
+            audited[key] = auditor.audit(refs[key], point.run)
+        return replace(point, values={la.name: la.stats[compare.metric] for la in audited[key].layers})
+
+    pairs = []
+    for pairing in pairings:
+        entry = {"label": pairing.label, "step": pairing.step, "level": pairing.level, "refused": pairing.refused,
+                 "a": [_point(p) for p in pairing.a], "b": [_point(p) for p in pairing.b], "layers": [],
+                 "summary": None}
+        if pairing.refused is None:
+            full = replace(pairing, a=tuple(map(with_values, pairing.a)), b=tuple(map(with_values, pairing.b)))
+            rows = layer_rows(full, compare.reference)
+            entry["layers"] = [{k: json_number(v) if isinstance(v, float) else v for k, v in asdict(r).items()}
+                               for r in rows]
+            entry["summary"] = summarize([r.ratio for r in rows], seed=config.seed)
+        pairs.append(entry)
+    if not audited:
+        raise InputError("no pair of checkpoints was within the loss tolerance: nothing was compared "
+                         f"({'; '.join(p['refused'] for p in pairs)})")
+    direction = "B/A" if compare.reference == "a" else "A/B"
+    extra = {"trajectories": [t.describe() for runs in sides.values() for t in runs],
+             "compare": compare.settings() | {"mode": "loss" if compare.match_loss else "step",
+                                              "direction": direction, "loss_source": config.loss_from,
+                                              "runs": {side: [str(t.root) for t in runs]
+                                                       for side, runs in sides.items()},
+                                              "pairs": pairs}}
+    return auditor.document("compare", list(audited.values()), extra)

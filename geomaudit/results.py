@@ -21,6 +21,7 @@ class LayerResult:
     h_diag: np.ndarray
     stats: dict[str, float]
     seconds: float
+    cached: bool = False
 
     @property
     def numel(self) -> int:
@@ -36,6 +37,7 @@ class LayerResult:
             "h_diag": self.h_diag.tolist(),
             "stats": {k: v if k == "topk" else json_number(v) for k, v in self.stats.items()},
             "seconds": round(self.seconds, 6),
+            "cached": self.cached,
         }
 
 
@@ -47,7 +49,9 @@ class CheckpointResult:
     step: int | None
     loss: float
     layers: tuple[LayerResult, ...]
+    run: str | None = None
+    logged_loss: float | None = None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "step": self.step, "loss": self.loss,
-                "layers": [layer.to_dict() for layer in self.layers]}
+        return {"path": self.path, "run": self.run, "step": self.step, "loss": self.loss,
+                "logged_loss": self.logged_loss, "layers": [layer.to_dict() for layer in self.layers]}

@@ -18,6 +18,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every test starts with an empty result cache of its own."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("GEOMAUDIT_CACHE_DIR", str(folder))
+    return folder
+
+
 def example_rows() -> list[dict]:
     return [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
 
@@ -76,3 +84,16 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def examples_jsonl() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def trainer_runs(tiny_gpt2_dir, tmp_path_factory) -> dict[str, Path]:
+    """Real Trainer runs from the same tiny GPT-2, 6 steps, checkpoints at 2, 4, 6: two seeds of Adam and of SGD.
+
+    All lie in one ``runs/`` folder (``trainer_runs["adam-0"].parent``), so ``runs/adam-*`` globs the Adam runs.
+    """
+    from .trainer_runs import train_run
+
+    parent = tmp_path_factory.mktemp("trainer") / "runs"
+    return {f"{opt}-{seed}": train_run(parent / f"{opt}-{seed}", opt, seed, tiny_gpt2_dir)
+            for opt in ("adam", "sgd") for seed in (0, 1)}

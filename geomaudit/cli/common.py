@@ -74,3 +74,29 @@ def emit(document: dict, json_path: str | None, render: Callable[[dict], list]) 
         console = Console() if sys.stdout.isatty() else Console(width=160)
         for table in render(document):
             console.print(table)
+
+
+class progress_bars:
+    """Rich progress on stderr: a bar over the layers and one over the current layer's coordinates."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from ..pipeline import Progress as Callbacks
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=stderr, transient=True)
+        self.bar.start()
+        self.layers = self.bar.add_task("layers", total=None)
+        self.coords = self.bar.add_task("", total=None, visible=False)
+
+        def on_layer(position: int, count: int, name: str, work: int) -> None:
+            self.bar.update(self.layers, total=count, completed=position - 1)
+            self.bar.reset(self.coords, total=work, description=f"  {name}", visible=True)
+
+        return Callbacks(on_status=lambda msg: stderr.print(msg, highlight=False, soft_wrap=True), on_layer=on_layer,
+                         on_chunk=lambda n: self.bar.advance(self.coords, n))
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+        return False

@@ -3,8 +3,9 @@
 import fnmatch
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,26 +53,39 @@ def audit_checkpoint(
     chunk_size: int | None = None,
     path: str = "",
     step: int | None = None,
+    loss: float | None = None,
+    cached: Mapping[str, Mapping] | None = None,
+    on_result: Callable[[LayerResult], None] | None = None,
     on_layer: Callable[[int, int, str, int], None] | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> CheckpointResult:
     """Audit ``layers`` of ``model``: ``coords`` seeded coordinates each (SPEC §1–§2).
 
-    ``on_layer(position, count, name, work)`` announces each layer with its work in coordinate-passes
-    (coordinates × micro-batches); ``on_chunk(n)`` reports progress inside it.
+    ``loss`` is the audit loss when already known. ``cached[name]`` (``indices``, ``h_diag``, ``seconds``)
+    is earlier work, reused when its indices are the ones this audit samples. ``on_result`` receives each
+    newly computed layer (to save it); ``on_layer(position, count, name, work)`` announces each layer with
+    its work in coordinate-passes (coordinates × micro-batches); ``on_chunk(n)`` reports progress inside it.
     """
-    loss = audit_loss(model, loss_fn, micro_batches)
+    loss = audit_loss(model, loss_fn, micro_batches) if loss is None else loss
     engine = DiagonalEngine(model, loss_fn, micro_batches, chunk_size)
     params = dict(model.named_parameters())
+    cached = cached or {}
     results = []
     for position, name in enumerate(layers, 1):
         shape = tuple(params[name].shape)
         indices = sample_indices(shape, coords, seed)
         if on_layer:
             on_layer(position, len(layers), name, len(indices) * len(micro_batches))
+        earlier = cached.get(name)
+        if earlier is not None and list(earlier["indices"]) == indices.tolist():
+            h = np.asarray(earlier["h_diag"], dtype=np.float64)
+            results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk), earlier["seconds"], True))
+            continue
         start = time.perf_counter()
         h = engine.diagonal(name, indices, on_chunk).double().cpu().numpy()
         if not all(map(math.isfinite, h)):
             raise InputError(f"the Hessian diagonal of {name} holds non-finite values")
         results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk), time.perf_counter() - start))
+        if on_result:
+            on_result(results[-1])
     return CheckpointResult(path, step, loss, tuple(results))

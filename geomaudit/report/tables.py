@@ -29,3 +29,38 @@ def rmed_tables(document: dict) -> list[Table]:
                           _fmt(s["zero_frac"], ".2f"), _fmt(s["median_abs"]))
         tables.append(table)
     return tables
+
+
+def _mean_std(mean: float | None, std: float | None, runs: int) -> str:
+    return _fmt(mean) if runs == 1 or mean is None else f"{_fmt(mean)} ({_fmt(std, '.2g')})"
+
+
+def compare_tables(document: dict) -> list[Table]:
+    """The paper's shape: a table per pair of checkpoints, layers as rows, then a summary row per pair."""
+    spec = document["compare"]
+    metric, direction = spec["metric"], spec["direction"]
+    runs_a, runs_b = spec["runs"]["a"], spec["runs"]["b"]
+    tables = []
+    for pair in spec["pairs"]:
+        where = "; ".join(f"{side.upper()} step {p['step']} loss {p['loss']:.4g}"
+                          for side in ("a", "b") for p in pair[side])
+        table = Table(title=f"{pair['label']} ({spec['loss_source']} loss): {where}", title_justify="left")
+        if pair["refused"]:
+            table.add_column("refused")
+            table.add_row(pair["refused"])
+            tables.append(table)
+            continue
+        table.add_column("layer", overflow="fold", min_width=24)
+        table.add_column(f"{metric} A", justify="right")
+        table.add_column(f"{metric} B", justify="right")
+        table.add_column(f"ratio {direction}", justify="right")
+        for row in pair["layers"]:
+            table.add_row(row["name"], _mean_std(row["a_mean"], row["a_std"], len(runs_a)),
+                          _mean_std(row["b_mean"], row["b_std"], len(runs_b)), _fmt(row["ratio"]))
+        s = pair["summary"]
+        if s["n_layers"]:
+            table.caption = (f"{direction} > 1 on {s['frac_above_1']:.0%} of {s['n_layers']} layers; geometric-mean "
+                             f"ratio {s['geo_mean']:.3g} (95% bootstrap CI {s['ci_low']:.3g}–{s['ci_high']:.3g}); "
+                             f"sign test p = {s['sign_p']:.2g}")
+        tables.append(table)
+    return tables

@@ -69,7 +69,7 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_directory_without_config(tmp_path):
-    fail(["rmed", str(tmp_path)], 3, "no config.json")
+    fail(["rmed", str(tmp_path)], 3, "holds no checkpoints")
 
 
 def test_corrupt_safetensors_in_checkpoint_directory(tiny_bert_dir, tmp_path, examples_jsonl):
@@ -189,7 +189,7 @@ def test_unexpected_exception_is_an_internal_error_and_debug_shows_it(plain):
 
 
 def test_more_checkpoint_errors(plain, tiny_gpt2_dir, tmp_path):
-    fail(["rmed", str(plain), "--model", "tinymlp:build"], 2, "is a directory")
+    fail(["rmed", str(tiny_gpt2_dir), "--model", "tinymlp:build"], 2, "is a directory")
     (plain / "junk.pt").write_bytes(b"\x00not a torch file")
     fail(["rmed", "junk.pt", "--model", "tinymlp:build", "--data", "data.safetensors"], 3, "cannot read")
     torch.save([torch.zeros(1)], plain / "list.pt")

@@ -1,0 +1,95 @@
+"""Options shared by the auditing commands, declared once (Typer ``Annotated`` aliases)."""
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+DEFAULT_COORDS = 200
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    tf32 = "tf32"
+    fp64 = "fp64"
+
+
+class Task(str, Enum):
+    auto = "auto"
+    causal_lm = "causal-lm"
+    masked_lm = "masked-lm"
+    classification = "classification"
+
+
+class Metric(str, Enum):
+    r_med = "r_med"
+    r_med_stab = "r_med_stab"
+    r_topk = "r_topk"
+
+
+Data = Annotated[str | None, typer.Option("--data", "-d", help=".jsonl/.csv/.txt text or pre-tokenized "
+                 ".safetensors/.pt. Default for a language model: the embedded English corpus.")]
+Coords = Annotated[int, typer.Option("--coords", "-n", help="Coordinates sampled per layer.")]
+Layers = Annotated[list[str] | None, typer.Option("--layers", "-l", help="Glob over parameter names (repeat for "
+                   "several); an integer N instead means every layer with N coordinates.")]
+TopK = Annotated[int, typer.Option(help="k of R_topk: the k-th largest |H_ii| over the median.")]
+BatchSize = Annotated[int, typer.Option(help="Examples in the audit batch.")]
+MicroBatch = Annotated[int | None, typer.Option(help="Examples per forward pass (default: the whole batch); the "
+                       "Hessian is accumulated exactly.")]
+MaxLength = Annotated[int, typer.Option(help="Token limit per example for text data.")]
+Seed = Annotated[int, typer.Option(help="Seeds coordinate sampling, MLM masking and new heads.")]
+Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 …")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, tf32 matmuls, or fp64.")]
+TaskOpt = Annotated[Task, typer.Option("--task", help="Loss of a Hugging Face model; auto reads config.json.")]
+Model = Annotated[str | None, typer.Option("--model", help="module:factory returning the nn.Module of a "
+                  "state-dict checkpoint.")]
+Loss = Annotated[str | None, typer.Option("--loss", help="module:fn called as fn(model, batch) -> scalar loss "
+                 "(mean over examples); default model(**batch).loss.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Unpickle .pt/.bin files that need code "
+                        "execution. Only for files you trust.")]
+ChunkSize = Annotated[int | None, typer.Option(help="Hessian-vector products per batch (default: automatic, "
+                      "halved on out-of-memory).")]
+Steps = Annotated[str | None, typer.Option(help="Checkpoints of a trajectory to audit, e.g. 500,1000 "
+                  "(default: all).")]
+Every = Annotated[int | None, typer.Option(help="Audit the checkpoints whose step is a multiple of N.")]
+CacheDir = Annotated[str | None, typer.Option(help="Where finished work is kept (default: $GEOMAUDIT_CACHE_DIR, "
+                     "else ~/.cache/geomaudit).")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the result cache.")]
+MetricOpt = Annotated[Metric, typer.Option("--metric", help="Statistic the thresholds and ratios use "
+                      "(r_med_stab: footnote 8, as in the paper's tables).")]
+
+
+def split_layers(values: list[str], coords: int) -> tuple[tuple[str, ...], int]:
+    """``--layers 200`` means every layer with 200 coordinates (the product card's form); other values are globs."""
+    from ..errors import UsageError
+
+    numbers = [v for v in values if v.isdigit()]
+    if len(numbers) > 1 or (numbers and coords != DEFAULT_COORDS and int(numbers[0]) != coords):
+        raise UsageError("give the number of coordinates once: --coords N or one integer --layers N")
+    return tuple(v for v in values if not v.isdigit()), int(numbers[0]) if numbers else coords
+
+
+def parse_numbers(text: str | None, option: str, kind: type = int) -> tuple | None:
+    """``"500,1000"`` → ``(500, 1000)``; a value that is not a number is a usage error."""
+    from ..errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+def audit_config(checkpoint: str, *, data, coords, layers, topk, batch_size, micro_batch, max_length, seed, device,
+                 precision, task, model, loss, allow_pickle, chunk_size, steps, every, cache_dir, no_cache,
+                 loss_from: str = "audit"):
+    """The library's ``AuditConfig`` from the shared options."""
+    from ..cache import default_cache_dir
+    from ..pipeline import AuditConfig
+
+    globs, n = split_layers(layers or [], coords)
+    cache = None if no_cache else str(cache_dir or default_cache_dir())
+    return AuditConfig(checkpoint, data, n, globs, topk, batch_size, micro_batch, max_length, seed, device,
+                       precision.value, task.value, model, loss, allow_pickle, chunk_size,
+                       parse_numbers(steps, "--steps"), every, loss_from, cache)

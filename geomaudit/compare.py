@@ -1,0 +1,183 @@
+"""Pair the checkpoints of two sets of runs and compare a per-layer metric (SPEC §4; paper Sec. 4, A.3).
+
+A run is one training trajectory, a list of :class:`Point` (one per audited checkpoint). Side A and side B
+each hold one run per seed. Pairing is by equal step (the paper's Tables 1-2) or by equal training loss
+(Table 7: Adam at step t against SGD+M at the step t' with the same loss, which rules out "Adam merely got
+further"). Each layer then gets mean (std) over seeds per side and the ratio of the means, as in the paper.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Point:
+    """One audited checkpoint: its run (path), step, training loss and the metric per layer."""
+
+    run: str
+    step: int | None
+    loss: float
+    values: Mapping[str, float]  # may hold inf or nan: an undefined ratio
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One point per run of each side (same order as the runs), matched at a step or a loss level."""
+
+    mode: str  # "step" or "loss"
+    step: int | None
+    level: float | None
+    a: tuple[Point, ...]
+    b: tuple[Point, ...]
+    refused: str | None  # why this pairing is not compared; None when it is
+
+    @property
+    def label(self) -> str:
+        return f"step {self.step}" if self.mode == "step" else f"loss {self.level:.3f}"
+
+
+def _check(runs_a: Sequence[Sequence[Point]], runs_b: Sequence[Sequence[Point]], losses: bool = False) -> None:
+    for side, runs in (("A", runs_a), ("B", runs_b)):
+        if not runs or not all(runs):
+            raise ValueError(f"side {side} needs at least one run with at least one checkpoint")
+        bad = [p for run in runs for p in run if math.isnan(p.loss)] if losses else []
+        if bad:
+            raise ValueError(f"cannot pair by loss: {bad[0].run} has no loss (nan) at step {bad[0].step}")
+
+
+def pair_by_step(runs_a: Sequence[Sequence[Point]], runs_b: Sequence[Sequence[Point]]) -> list[Pairing]:
+    """One pairing per step present in every run of both sides, ascending."""
+    _check(runs_a, runs_b)
+    runs = [*runs_a, *runs_b]
+    common = set.intersection(*({p.step for p in run if p.step is not None} for run in runs))
+    if not common:
+        raise ValueError("the runs share no step; pair them by training loss instead")
+
+    def at(run: Sequence[Point], step: int) -> Point:
+        return next(p for p in run if p.step == step)
+
+    return [Pairing("step", s, None, tuple(at(r, s) for r in runs_a), tuple(at(r, s) for r in runs_b), None)
+            for s in sorted(common)]
+
+
+def auto_levels(runs_a: Sequence[Sequence[Point]], runs_b: Sequence[Sequence[Point]], n: int = 3) -> list[float]:
+    """``n`` loss levels evenly spaced over the range every run covers, from high to low (as training goes).
+
+    >>> run = lambda *losses: [Point("r", i, x, {}) for i, x in enumerate(losses)]
+    >>> auto_levels([run(3.0, 2.0, 1.0)], [run(2.5, 1.5)])
+    [2.5, 2.0, 1.5]
+    """
+    _check(runs_a, runs_b, losses=True)
+    if n < 1:
+        raise ValueError(f"need at least one loss level, got n={n}")
+    runs = [*runs_a, *runs_b]
+    lo = max(min(p.loss for p in run) for run in runs)
+    hi = min(max(p.loss for p in run) for run in runs)
+    if not lo <= hi:
+        raise ValueError(f"the loss curves do not overlap: the highest of the runs' lowest losses ({lo:.4g}) "
+                         f"is above the lowest of their highest losses ({hi:.4g})")
+    return list(dict.fromkeys(float(x) for x in np.linspace(hi, lo, n)))
+
+
+def _closest(run: Sequence[Point], level: float) -> Point:
+    return min(run, key=lambda p: (abs(p.loss - level), math.inf if p.step is None else p.step))
+
+
+def pair_by_loss(runs_a: Sequence[Sequence[Point]], runs_b: Sequence[Sequence[Point]],
+                 levels: Sequence[float] | None, tolerance: float = 0.02) -> list[Pairing]:
+    """For each loss level, the point of each run whose loss is closest (ties: the earlier step).
+
+    A pairing is refused when a picked loss is more than ``tolerance`` (relative) from the level: the runs
+    never reached the same loss there, so their geometry is not comparable on that basis.
+    """
+    _check(runs_a, runs_b, losses=True)
+    if tolerance < 0:
+        raise ValueError(f"the tolerance must be >= 0, got {tolerance}")
+    levels = auto_levels(runs_a, runs_b) if levels is None else [float(x) for x in levels]
+    if any(not x > 0 for x in levels):
+        raise ValueError(f"loss levels must be > 0, got {levels}")
+    pairings = []
+    for level in levels:
+        a, b = (tuple(_closest(run, level) for run in runs) for runs in (runs_a, runs_b))
+        worst = max((*a, *b), key=lambda p: abs(p.loss - level))
+        off = abs(worst.loss - level) / level
+        refused = None
+        if not off <= tolerance:
+            found = ", ".join(f"{p.loss:.4g} (step {p.step})" for p in (*a, *b))
+            refused = (f"no common loss near {level:.4g}: the closest losses are {found}, and {worst.run} is "
+                       f"{off:.1%} off, beyond the tolerance of {tolerance:.1%}")
+        pairings.append(Pairing("loss", None, level, a, b, refused))
+    return pairings
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer of a pairing: mean (std, ddof=1; 0.0 for one run) over the runs of each side, ratio of means."""
+
+    name: str
+    a_mean: float
+    a_std: float
+    b_mean: float
+    b_std: float
+    ratio: float  # mean of the other side / mean of the reference side
+
+
+def _mean_std(points: Sequence[Point], name: str) -> tuple[float, float]:
+    x = np.array([p.values[name] for p in points], dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # inf values: the mean is inf, the row is dropped anyway
+        return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def layer_rows(pairing: Pairing, reference: str = "a") -> list[LayerRow]:
+    """Rows for the layers every point has, in the order of the first point of side A.
+
+    ``reference="a"`` gives ratio = B/A (second run over first), ``"b"`` gives A/B. A layer whose mean is
+    not finite on either side (an undefined metric in some run) is dropped.
+    """
+    if reference not in ("a", "b"):
+        raise ValueError(f"reference must be 'a' or 'b', got {reference!r}")
+    points = (*pairing.a, *pairing.b)
+    rows = []
+    for name in pairing.a[0].values:
+        if not all(name in p.values for p in points):
+            continue
+        (am, asd), (bm, bsd) = _mean_std(pairing.a, name), _mean_std(pairing.b, name)
+        if not (math.isfinite(am) and math.isfinite(bm)):
+            continue
+        num, den = (bm, am) if reference == "a" else (am, bm)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = float(np.float64(num) / np.float64(den))  # x/0 -> inf, 0/0 -> nan, as elsewhere
+        rows.append(LayerRow(name, am, asd, bm, bsd, ratio))
+    return rows
+
+
+def summarize(ratios: Sequence[float], seed: int = 0, n_boot: int = 2000, confidence: float = 0.95) -> dict:
+    """Summary of per-layer ratios; those not finite or <= 0 are dropped first.
+
+    - ``frac_above_1``: share of layers whose ratio exceeds 1;
+    - ``geo_mean``: exp(mean log ratio). Ratios are multiplicative (2 and 1/2 are opposite and equal
+      effects), so their centre is a geometric mean, which the arithmetic mean would bias upwards;
+    - ``ci_low``/``ci_high``: percentile bootstrap over layers of the geometric mean
+      (``numpy.random.default_rng(seed)``, ``n_boot`` resamples), so the same input gives the same interval;
+    - ``sign_p``: two-sided exact sign test of "ratio > 1" against "ratio < 1" (ties dropped). It assumes
+      nothing about the distribution of the ratios, only that layers are exchangeable.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    r = np.asarray(ratios, dtype=np.float64)
+    r = r[np.isfinite(r) & (r > 0)]
+    n = int(r.size)
+    if n == 0:
+        return dict(n_layers=0, frac_above_1=None, geo_mean=None, ci_low=None, ci_high=None, sign_p=None)
+    logs = np.log(r)
+    boot = np.exp(logs[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(axis=1))
+    tail = 50 * (1 - confidence)
+    ci_low, ci_high = np.percentile(boot, [tail, 100 - tail])
+    above, below = int((r > 1).sum()), int((r < 1).sum())
+    m = above + below
+    sign_p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(above, below) + 1)) / 2**m)
+    return dict(n_layers=n, frac_above_1=above / n, geo_mean=float(np.exp(logs.mean())),
+                ci_low=float(ci_low), ci_high=float(ci_high), sign_p=float(sign_p))

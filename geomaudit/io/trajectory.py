@@ -1,0 +1,149 @@
+"""Find the checkpoints of a training run and the losses logged along it (SPEC §3).
+
+A trajectory is a Hugging Face ``Trainer`` output_dir (``checkpoint-<step>/`` directories, each with a
+``trainer_state.json`` whose ``log_history`` holds the training losses), or any directory of checkpoint
+directories or state-dict files whose names carry the step number. A single checkpoint is a trajectory of one.
+"""
+
+import glob
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError, UsageError
+
+STATE_FILE = "trainer_state.json"
+FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint of a run; ``logged_loss`` is the training loss the run logged at exactly ``step``."""
+
+    path: Path
+    step: int | None
+    logged_loss: float | None
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """The checkpoints of one run in step order, and the ``trainer_state.json`` their losses came from."""
+
+    root: Path
+    checkpoints: tuple[CheckpointRef, ...]
+    loss_log: Path | None = None
+
+    def describe(self) -> dict:
+        return {"root": str(self.root), "steps": [c.step for c in self.checkpoints],
+                "loss_log": str(self.loss_log) if self.loss_log else None}
+
+
+def discover(path: str | os.PathLike, steps: Sequence[int] | None = None, every: int | None = None) -> Trajectory:
+    """The checkpoints under ``path``, optionally only ``steps`` or the steps divisible by ``every``.
+
+    ``path`` is one checkpoint (a file, or a directory with config.json) or a directory of them; a child's
+    step is the last integer in its name (``epoch3-step1200.ckpt`` is step 1200). A Trainer output_dir where
+    ``save_model`` put the final model at the root is still a run: its ``checkpoint-<step>/`` directories count.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"trajectory {root} does not exist")
+    if root.is_file() or ((root / "config.json").is_file() and not _trainer_checkpoints(root)):
+        found = {_step_of(root): root}
+    else:
+        found = _children(root)
+    loss_log = _loss_log(root, found)
+    losses = _read_losses(loss_log) if loss_log else {}
+    refs = tuple(CheckpointRef(p, s, losses.get(s)) for s, p in sorted(found.items(), key=lambda kv: kv[0] or 0))
+    return Trajectory(root, _select(refs, steps, every), loss_log)
+
+
+def expand_runs(patterns: Sequence[str]) -> list[Path]:
+    """Paths and globs (each glob's matches sorted) in the order given, each run once."""
+    runs, seen = [], set()
+    for pattern in patterns:
+        matches = [pattern] if Path(pattern).exists() else sorted(glob.glob(os.fspath(pattern)))
+        if not matches:
+            raise InputError(f"run {pattern} matches no file or directory")
+        for match in map(Path, matches):
+            if match.resolve() not in seen:
+                seen.add(match.resolve())
+                runs.append(match)
+    return runs
+
+
+def _step_of(path: Path) -> int | None:
+    numbers = re.findall(r"\d+", path.stem if path.is_file() else path.name)
+    return int(numbers[-1]) if numbers else None
+
+
+def _trainer_checkpoints(root: Path) -> bool:
+    return any(c.is_dir() and CHECKPOINT_DIR.fullmatch(c.name) for c in root.iterdir())
+
+
+def _children(root: Path) -> dict[int, Path]:
+    """Children that are checkpoints and carry a step; anything else (logs, README, optimizer.pt) is skipped."""
+    found: dict[int, Path] = {}
+    for child in sorted(root.iterdir()):
+        step = _step_of(child)
+        if step is None:
+            continue
+        if child.is_dir():
+            usable = CHECKPOINT_DIR.fullmatch(child.name) or (child / "config.json").is_file()
+        else:
+            usable = child.suffix in FILE_SUFFIXES
+        if not usable:
+            continue
+        if step in found:
+            raise InputError(f"{found[step]} and {child} both hold step {step}")
+        found[step] = child
+    if not found:
+        raise InputError(f"{root} holds no checkpoints: expected checkpoint-<step>/ directories or files "
+                         "whose names carry a step number")
+    return found
+
+
+def _loss_log(root: Path, found: dict[int | None, Path]) -> Path | None:
+    """``trainer_state.json`` at the root, else the one of the latest checkpoint that has one.
+
+    The Trainer writes one into every checkpoint with the log up to that step, so the latest holds the most.
+    """
+    latest_first = [p for _, p in sorted(found.items(), key=lambda kv: kv[0] or 0, reverse=True)]
+    for folder in [root, *latest_first]:
+        if (folder / STATE_FILE).is_file():
+            return folder / STATE_FILE
+    return None
+
+
+def _read_losses(path: Path) -> dict[int, float]:
+    """Step → training loss from the ``log_history`` entries that carry both."""
+    try:
+        history = json.loads(path.read_text(encoding="utf-8")).get("log_history", [])
+        return {int(e["step"]): float(e["loss"]) for e in history if "loss" in e and "step" in e}
+    except (ValueError, TypeError, AttributeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{path} is not a valid trainer_state.json ({reason})") from err
+
+
+def _select(refs: tuple[CheckpointRef, ...], steps: Sequence[int] | None,
+            every: int | None) -> tuple[CheckpointRef, ...]:
+    available = ", ".join(str(r.step) for r in refs)
+    if steps is not None and every is not None:
+        raise UsageError("give --steps or --every, not both")
+    if steps is not None:
+        missing = sorted(set(steps) - {r.step for r in refs})
+        if missing:
+            raise UsageError(f"step {', '.join(map(str, missing))} is not in the trajectory; "
+                             f"available steps: {available}")
+        refs = tuple(r for r in refs if r.step in set(steps))
+    elif every is not None:
+        if every < 1:
+            raise UsageError(f"--every must be at least 1, got {every}")
+        refs = tuple(r for r in refs if r.step is not None and r.step % every == 0)
+    if not refs:
+        raise UsageError(f"the step selection keeps no checkpoint; available steps: {available}")
+    return refs
