@@ -106,7 +106,7 @@ class Auditor:
             self.batch = build_batch(records, loaded, batch_size=c.batch_size, max_length=c.max_length,
                                      seed=c.seed, source=source)
             self.model_info = loaded.describe()
-        model = loaded.model.to(device=self.device, dtype=self.dtype)
+        loaded.model.to(device=self.device, dtype=self.dtype)
         micro = self.batch.micro_batches(loaded, c.micro_batch or self.batch.examples, self.device, self.dtype)
         self._loaded = (path, loaded, micro)
         return loaded, micro

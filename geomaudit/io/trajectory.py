@@ -53,7 +53,7 @@ def discover(path: str | os.PathLike, steps: Sequence[int] | None = None, every:
     if not root.exists():
         raise InputError(f"trajectory {root} does not exist")
     if root.is_file() or ((root / "config.json").is_file() and not _trainer_checkpoints(root)):
-        found = {_step_of(root): root}
+        found = {_lone_step(root): root}
     else:
         found = _children(root)
     loss_log = _loss_log(root, found)
@@ -79,6 +79,13 @@ def expand_runs(patterns: Sequence[str]) -> list[Path]:
 def _step_of(path: Path) -> int | None:
     numbers = re.findall(r"\d+", path.stem if path.is_file() else path.name)
     return int(numbers[-1]) if numbers else None
+
+
+def _lone_step(path: Path) -> int | None:
+    """A lone checkpoint's step, only where its name says so (``checkpoint-500``, ``step_500.pt``): a number
+    elsewhere in a name (``tiny-gpt2``, ``llama-3-8b``) is not a step."""
+    match = re.search(r"(?:checkpoint|step)[-_]?(\d+)", path.stem if path.is_file() else path.name)
+    return int(match.group(1)) if match else None
 
 
 def _trainer_checkpoints(root: Path) -> bool:
