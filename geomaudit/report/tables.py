@@ -36,31 +36,43 @@ def _mean_std(mean: float | None, std: float | None, runs: int) -> str:
 
 
 def compare_tables(document: dict) -> list[Table]:
-    """The paper's shape: a table per pair of checkpoints, layers as rows, then a summary row per pair."""
+    """The paper's shape (Tables 1, 2, 7): layers as rows, one column group (A, B, ratio) per pair of checkpoints,
+    the pairs' losses on top and their summaries below; refused pairs are listed under the table."""
     spec = document["compare"]
     metric, direction = spec["metric"], spec["direction"]
-    runs_a, runs_b = spec["runs"]["a"], spec["runs"]["b"]
-    tables = []
-    for pair in spec["pairs"]:
-        where = "; ".join(f"{side.upper()} step {p['step']} loss {p['loss']:.4g}"
-                          for side in ("a", "b") for p in pair[side])
-        table = Table(title=f"{pair['label']} ({spec['loss_source']} loss): {where}", title_justify="left")
-        if pair["refused"]:
-            table.add_column("refused")
-            table.add_row(pair["refused"])
-            tables.append(table)
-            continue
-        table.add_column("layer", overflow="fold", min_width=24)
-        table.add_column(f"{metric} A", justify="right")
-        table.add_column(f"{metric} B", justify="right")
-        table.add_column(f"ratio {direction}", justify="right")
-        for row in pair["layers"]:
-            table.add_row(row["name"], _mean_std(row["a_mean"], row["a_std"], len(runs_a)),
-                          _mean_std(row["b_mean"], row["b_std"], len(runs_b)), _fmt(row["ratio"]))
-        s = pair["summary"]
-        if s["n_layers"]:
-            table.caption = (f"{direction} > 1 on {s['frac_above_1']:.0%} of {s['n_layers']} layers; geometric-mean "
-                             f"ratio {s['geo_mean']:.3g} (95% bootstrap CI {s['ci_low']:.3g}–{s['ci_high']:.3g}); "
-                             f"sign test p = {s['sign_p']:.2g}")
-        tables.append(table)
-    return tables
+    pairs = [p for p in spec["pairs"] if not p["refused"]]
+    table = Table(title=f"{metric}: A = {', '.join(spec['runs']['a'])}; B = {', '.join(spec['runs']['b'])}; "
+                        f"ratio {direction}", title_justify="left")
+    table.add_column("layer", overflow="fold", min_width=24)
+    for pair in pairs:
+        for head in ("A", "B", f"ratio {direction}"):
+            table.add_column(f"{pair['label']}\n{head}", justify="right")
+
+    def group(cells) -> list[str]:
+        return [cell for pair in pairs for cell in cells(pair)]
+
+    def losses(pair, side) -> str:
+        return ", ".join(f"{p['loss']:.4g}" + ("" if spec["mode"] == "step" else f" @{p['step']}") for p in pair[side])
+
+    table.add_row(f"loss ({spec['loss_source']})", *group(lambda p: (losses(p, "a"), losses(p, "b"), "")),
+                  end_section=True)
+    names = [row["name"] for row in pairs[0]["layers"]] if pairs else []
+    rows = [{row["name"]: row for row in pair["layers"]} for pair in pairs]
+    n_a, n_b = len(spec["runs"]["a"]), len(spec["runs"]["b"])
+    for name in names:
+        cells = []
+        for by_name in rows:
+            r = by_name.get(name)
+            cells += ["", "", ""] if r is None else [_mean_std(r["a_mean"], r["a_std"], n_a),
+                                                     _mean_std(r["b_mean"], r["b_std"], n_b), _fmt(r["ratio"])]
+        table.add_row(name, *cells, end_section=name == names[-1])
+    summaries = [p["summary"] for p in pairs]
+    for label, cell in ((f"share of layers with {direction} > 1", lambda s: f"{s['frac_above_1']:.0%}"),
+                        (f"geometric-mean {direction}", lambda s: _fmt(s["geo_mean"])),
+                        ("95% bootstrap CI", lambda s: f"{_fmt(s['ci_low'])}–{_fmt(s['ci_high'])}"),
+                        ("sign test p", lambda s: _fmt(s["sign_p"], ".2g"))):
+        table.add_row(label, *[c for s in summaries for c in ("", "", cell(s) if s["n_layers"] else "")])
+    refused = [f"{p['label']}: {p['refused']}" for p in spec["pairs"] if p["refused"]]
+    if refused:
+        table.caption = "refused: " + "; ".join(refused)
+    return [table]
