@@ -86,6 +86,7 @@ class Auditor:
         self.batch: AuditBatch | None = None
         self.model_info: dict | None = None
         self._loaded: tuple[Path, LoadedModel, list] | None = None
+        self._digests: dict[Path, str] = {}
 
     def _load(self, path: Path) -> tuple[LoadedModel, list]:
         """The checkpoint at ``path`` on the audit device, with its micro-batches (the last one is kept)."""
@@ -113,7 +114,9 @@ class Auditor:
 
     def _cache(self, path: Path) -> CacheEntry:
         c = self.config
-        key = {"checkpoint": checkpoint_digest(path), "data": self.batch.fingerprint, "coords": c.coords,
+        if path not in self._digests:
+            self._digests[path] = checkpoint_digest(path)
+        key = {"checkpoint": self._digests[path], "data": self.batch.fingerprint, "coords": c.coords,
                "seed": c.seed, "precision": c.precision, "task": c.task, "micro_batch": c.micro_batch,
                "model": c.model, "loss": c.loss}
         entry = CacheEntry(Path(c.cache_dir) if c.cache_dir else None, key)
