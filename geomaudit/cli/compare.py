@@ -58,11 +58,7 @@ def compare(
         from ..report.tables import compare_tables
 
         check_json_target(json_path)
-        config = o.audit_config(
-            run_a, data=data, coords=coords, layers=layers, topk=topk, batch_size=batch_size,
-            micro_batch=micro_batch, max_length=max_length, seed=seed, device=device, precision=precision,
-            task=task, model=model, loss=loss, allow_pickle=allow_pickle, chunk_size=chunk_size, steps=steps,
-            every=every, cache_dir=cache_dir, no_cache=no_cache, loss_from=loss_from)
+        config = o.audit_config(run_a, locals(), loss_from)
         spec = CompareConfig((run_a, *(more_a or [])), (run_b, *(more_b or [])), match_loss, tolerance,
                              o.parse_numbers(levels, "--levels", float), reference, metric.value)
         with progress_bars() as progress:

@@ -81,15 +81,15 @@ def parse_numbers(text: str | None, option: str, kind: type = int) -> tuple | No
         raise UsageError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
-def audit_config(checkpoint: str, *, data, coords, layers, topk, batch_size, micro_batch, max_length, seed, device,
-                 precision, task, model, loss, allow_pickle, chunk_size, steps, every, cache_dir, no_cache,
-                 loss_from: str = "audit"):
-    """The library's ``AuditConfig`` from the shared options."""
+def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
+    """The library's ``AuditConfig`` from a command's shared options (its ``locals()``)."""
     from ..cache import default_cache_dir
     from ..pipeline import AuditConfig
 
-    globs, n = split_layers(layers or [], coords)
-    cache = None if no_cache else str(cache_dir or default_cache_dir())
-    return AuditConfig(checkpoint, data, n, globs, topk, batch_size, micro_batch, max_length, seed, device,
-                       precision.value, task.value, model, loss, allow_pickle, chunk_size,
-                       parse_numbers(steps, "--steps"), every, loss_from, cache)
+    o = options
+    globs, n = split_layers(o["layers"] or [], o["coords"])
+    cache = None if o["no_cache"] else str(o["cache_dir"] or default_cache_dir())
+    return AuditConfig(checkpoint, o["data"], n, globs, o["topk"], o["batch_size"], o["micro_batch"],
+                       o["max_length"], o["seed"], o["device"], o["precision"].value, o["task"].value, o["model"],
+                       o["loss"], o["allow_pickle"], o["chunk_size"], parse_numbers(o["steps"], "--steps"),
+                       o["every"], loss_from, cache)

@@ -40,11 +40,7 @@ def rmed(
     """Per-layer R_med, R_med_stab, R_topk and zero fraction of the exact Hessian diagonal."""
     with handle_errors(ctx):
         check_json_target(json_path)
-        config = o.audit_config(
-            checkpoint, data=data, coords=coords, layers=layers, topk=topk, batch_size=batch_size,
-            micro_batch=micro_batch, max_length=max_length, seed=seed, device=device, precision=precision,
-            task=task, model=model, loss=loss, allow_pickle=allow_pickle, chunk_size=chunk_size, steps=steps,
-            every=every, cache_dir=cache_dir, no_cache=no_cache)
+        config = o.audit_config(checkpoint, locals())
         from ..gates import fail_above as gate
         from ..pipeline import run_rmed
         from ..report.tables import rmed_tables
