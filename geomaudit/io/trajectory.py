@@ -51,7 +51,7 @@ def discover(path: str | os.PathLike, steps: Sequence[int] | None = None, every:
     """
     root = Path(path)
     if not root.exists():
-        raise InputError(f"trajectory {root} does not exist")
+        raise InputError(f"checkpoint or run {root} does not exist")
     if root.is_file() or ((root / "config.json").is_file() and not _trainer_checkpoints(root)):
         found = {_lone_step(root): root}
     else:

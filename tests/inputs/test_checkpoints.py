@@ -72,3 +72,14 @@ def test_infer_task(arch, labels, task):
 def test_headless_model_without_labels_asks_for_a_task():
     with pytest.raises(UsageError, match="has no loss head"):
         infer_task("BertModel", False)
+
+
+def test_load_checkpoint_refuses_what_is_not_a_checkpoint(tmp_path):
+    """The library entry point checks its path itself (the command line finds runs first)."""
+    from geomaudit.errors import InputError
+    from geomaudit.io.checkpoints import load_checkpoint
+
+    with pytest.raises(InputError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(InputError, match="has no config.json"):
+        load_checkpoint(tmp_path)
