@@ -1,8 +1,10 @@
 """geomaudit: audit the local loss geometry (Hessian-diagonal uniformity) an optimizer leads a network into.
 
-The library API, grouped by topic (the command line is a thin layer over it):
+The library API, grouped by topic (the command line is a thin layer over it). Names are imported on first
+use, so that ``import geomaudit`` (and ``geomaudit --help``) does not load torch.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -10,22 +12,22 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from .engine.audit import audit_checkpoint, select_layers  # noqa: E402
-from .engine.hdiag import DiagonalEngine, MicroBatch  # noqa: E402
-from .engine.sampling import sample_indices  # noqa: E402
-from .engine.stats import diagonal_stats  # noqa: E402
-from .errors import GeomauditError, InputError, ThresholdFailed, UsageError  # noqa: E402
-from .io.checkpoints import LoadedModel, load_checkpoint  # noqa: E402
-from .io.data import AuditBatch, build_batch, read_records  # noqa: E402
-from .pipeline import AuditConfig, run_rmed  # noqa: E402
-
-__all__ = [
+_EXPORTS = {
     # engine: exact Hessian diagonals and their statistics
-    "DiagonalEngine", "MicroBatch", "sample_indices", "diagonal_stats", "audit_checkpoint", "select_layers",
+    "DiagonalEngine": "engine.hdiag", "MicroBatch": "engine.hdiag", "sample_indices": "engine.sampling",
+    "diagonal_stats": "engine.stats", "audit_checkpoint": "engine.audit", "select_layers": "engine.audit",
     # inputs
-    "load_checkpoint", "LoadedModel", "read_records", "build_batch", "AuditBatch",
-    # one audit from settings to report
-    "AuditConfig", "run_rmed",
+    "load_checkpoint": "io.checkpoints", "LoadedModel": "io.checkpoints", "read_records": "io.data",
+    "build_batch": "io.data", "AuditBatch": "io.data", "discover": "io.trajectory",
+    # from settings to report
+    "AuditConfig": "pipeline", "run_rmed": "pipeline", "CompareConfig": "pipeline", "run_compare": "pipeline",
     # errors and their exit codes
-    "GeomauditError", "UsageError", "InputError", "ThresholdFailed",
-]
+    "GeomauditError": "errors", "UsageError": "errors", "InputError": "errors", "ThresholdFailed": "errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'geomaudit' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -148,7 +148,7 @@ class Auditor:
             cached=entry.layers, on_result=lambda layer: entry.save(loss, layer.to_dict()),
             on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk)
         entry.save(loss)
-        return CheckpointResult(result.path, result.step, result.loss, result.layers, run, ref.logged_loss)
+        return replace(result, run=run, logged_loss=ref.logged_loss)
 
     def document(self, command: str, checkpoints: list[CheckpointResult], extra: dict) -> dict:
         micro = self._loaded[2]
