@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from . import __version__
+from .engine.stats import GEOMETRY_KEYS
 from .report.document import write_json
 
 MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
@@ -65,7 +66,11 @@ class CacheEntry:
     def save(self, loss: float, layer: dict | None = None) -> None:
         self.loss = loss
         if layer is not None:
-            self.layers[layer["name"]] = {k: layer[k] for k in ("indices", "h_diag", "seconds")}
+            kept = {k: layer[k] for k in ("indices", "h_diag", "seconds")}
+            if layer.get("s_med_method"):
+                kept |= {"s_med_method": layer["s_med_method"],
+                         "geometry": {k: layer["stats"][k] for k in GEOMETRY_KEYS}}
+            self.layers[layer["name"]] = kept
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json({"key": self.key, "loss": self.loss, "layers": self.layers}, self.path)

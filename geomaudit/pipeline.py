@@ -42,9 +42,11 @@ class AuditConfig:
     every: int | None = None
     loss_from: str = "audit"
     cache_dir: str | None = None
+    geometry: bool = False
+    dense_max: int = 2048
 
     def validate(self) -> None:
-        for name in ("coords", "topk", "batch_size", "micro_batch", "max_length", "chunk_size"):
+        for name in ("coords", "topk", "batch_size", "micro_batch", "max_length", "chunk_size", "dense_max"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -118,7 +120,7 @@ class Auditor:
             self._digests[path] = checkpoint_digest(path)
         key = {"checkpoint": self._digests[path], "data": self.batch.fingerprint, "coords": c.coords,
                "seed": c.seed, "precision": c.precision, "task": c.task, "micro_batch": c.micro_batch,
-               "model": c.model, "loss": c.loss}
+               "model": c.model, "loss": c.loss, "geometry": c.geometry, "dense_max": c.dense_max}
         entry = CacheEntry(Path(c.cache_dir) if c.cache_dir else None, key)
         if entry.corrupt:
             self.progress.status(f"ignoring a corrupt cache entry for {path}: recomputing")
@@ -145,6 +147,7 @@ class Auditor:
         result = audit_checkpoint(
             loaded.model, loaded.loss_fn, micro, select_layers(loaded.model, c.layers), coords=c.coords,
             seed=c.seed, topk=c.topk, chunk_size=c.chunk_size, path=str(ref.path), step=ref.step, loss=loss,
+            geometry=c.geometry, dense_max=c.dense_max,
             cached=entry.layers, on_result=lambda layer: entry.save(loss, layer.to_dict()),
             on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk)
         entry.save(loss)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def json_number(x: float) -> float | None:
-    """JSON has no inf/nan: an undefined ratio is written as ``null``."""
-    return x if math.isfinite(x) else None
+def json_number(x: float | None) -> float | None:
+    """JSON has no inf/nan: an undefined ratio is written as ``null`` (and read back as ``None``)."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class LayerResult:
     stats: dict[str, float]
     seconds: float
     cached: bool = False
+    s_med_method: str | None = None  # "dense" or "submatrix of k coordinates" when S_med was computed
 
     @property
     def numel(self) -> int:
@@ -38,6 +39,7 @@ class LayerResult:
             "stats": {k: v if k == "topk" else json_number(v) for k, v in self.stats.items()},
             "seconds": round(self.seconds, 6),
             "cached": self.cached,
+            "s_med_method": self.s_med_method,
         }
 
 

@@ -13,7 +13,7 @@ from ..errors import InputError, UsageError
 from ..results import CheckpointResult, LayerResult
 from .hdiag import DiagonalEngine, LossFn, MicroBatch
 from .sampling import sample_indices
-from .stats import diagonal_stats
+from .stats import diagonal_stats, geometry_stats
 
 
 def select_layers(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
@@ -54,6 +54,8 @@ def audit_checkpoint(
     path: str = "",
     step: int | None = None,
     loss: float | None = None,
+    geometry: bool = False,
+    dense_max: int = 2048,
     cached: Mapping[str, Mapping] | None = None,
     on_result: Callable[[LayerResult], None] | None = None,
     on_layer: Callable[[int, int, str, int], None] | None = None,
@@ -61,6 +63,9 @@ def audit_checkpoint(
 ) -> CheckpointResult:
     """Audit ``layers`` of ``model``: ``coords`` seeded coordinates each (SPEC §1–§2).
 
+    With ``geometry``, each layer also gets S_med and r_diag (``geometry_stats``) from the same Hessian
+    columns: S_med of the dense block for layers of at most ``dense_max`` entries (every column is computed),
+    else of the principal submatrix H[S, S] of the sampled coordinates (``s_med_method`` says which).
     ``loss`` is the audit loss when already known. ``cached[name]`` (``indices``, ``h_diag``, ``seconds``)
     is earlier work, reused when its indices are the ones this audit samples. ``on_result`` receives each
     newly computed layer (to save it); ``on_layer(position, count, name, work)`` announces each layer with
@@ -79,13 +84,24 @@ def audit_checkpoint(
         earlier = cached.get(name)
         if earlier is not None and list(earlier["indices"]) == indices.tolist():
             h = np.asarray(earlier["h_diag"], dtype=np.float64)
-            results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk), earlier["seconds"], True))
+            stats = diagonal_stats(h, topk) | earlier.get("geometry", {})
+            results.append(LayerResult(name, shape, indices, h, stats, earlier["seconds"], True,
+                                       earlier.get("s_med_method")))
             continue
         start = time.perf_counter()
-        h = engine.diagonal(name, indices, on_chunk).double().cpu().numpy()
+        if geometry:
+            dense = params[name].numel() <= dense_max
+            cols = engine.columns(name, np.arange(params[name].numel()) if dense else indices, on_chunk)
+            at = indices if dense else np.arange(len(indices))
+            diag, block, sq = (t.double().cpu().numpy() for t in (cols.diag, cols.block, cols.sq_norms))
+            h, extra = diag[at], geometry_stats(block, diag[at], sq[at])
+            method = "dense" if dense else f"submatrix of {len(indices)} coordinates"
+        else:
+            h, extra, method = engine.diagonal(name, indices, on_chunk).double().cpu().numpy(), {}, None
         if not all(map(math.isfinite, h)):
             raise InputError(f"the Hessian diagonal of {name} holds non-finite values")
-        results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk), time.perf_counter() - start))
+        results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk) | extra,
+                                   time.perf_counter() - start, False, method))
         if on_result:
             on_result(results[-1])
     return CheckpointResult(path, step, loss, tuple(results))

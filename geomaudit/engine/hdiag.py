@@ -15,14 +15,18 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import UsageError
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
 MAX_CHUNK = {"cpu": 4, "cuda": 64}  # measured: on CPU larger chunks are memory-bound (benchmarks/)
 TANGENT_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
+COLUMN_BUDGET_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,30 @@ class DiagonalEngine:
 
         ``on_chunk(n)`` is called after each chunk of ``n`` coordinates of each micro-batch.
         """
+        return self._accumulate(name, indices, on_chunk, keep_columns=False).diag
+
+    def columns(self, name: str, indices: Sequence[int] | Tensor,
+                on_chunk: Callable[[int], None] | None = None) -> "HessianColumns":
+        """H_ii, the principal submatrix H[S, S] and the squared norms ‖H e_i‖² for the coordinates S.
+
+        The columns come from the same HVPs as the diagonal. With several micro-batches the norms need the
+        summed columns, so ``len(S) × numel`` values are held (a usage error past 2 GiB).
+        """
+        return self._accumulate(name, indices, on_chunk, keep_columns=True)
+
+    def _accumulate(self, name: str, indices: Sequence[int] | Tensor, on_chunk: Callable[[int], None] | None,
+                    keep_columns: bool) -> "HessianColumns":
         param = dict(self.model.named_parameters())[name]
         idx = torch.as_tensor(indices, dtype=torch.long, device=param.device)
-        out = torch.zeros(len(idx), dtype=param.dtype, device=param.device)
+        zeros = partial(torch.zeros, dtype=param.dtype, device=param.device)
+        diag, block, sq_norms = zeros(len(idx)), zeros(len(idx), len(idx)), zeros(len(idx))
+        summed = None
+        if keep_columns and len(self.micro_batches) > 1:
+            size = len(idx) * param.numel() * param.element_size()
+            if size > COLUMN_BUDGET_BYTES:
+                raise UsageError(f"the Hessian columns of {name} with several micro-batches need {size / 2**30:.1f} "
+                                 "GiB: use one micro-batch, fewer --coords, or fewer --layers")
+            summed = zeros(len(idx), param.numel())
         chunk = self._chunk_for(param)
         with only_requires_grad(self.model, param):
             for mb in self.micro_batches:
@@ -90,8 +115,9 @@ class DiagonalEngine:
                 start = 0
                 while start < len(idx):
                     sel = idx[start:start + chunk]
+                    rows = slice(start, start + len(sel))
                     try:
-                        out[start:start + len(sel)] += mb.weight * self._columns_at(flat, param, sel)
+                        cols = self._columns_at(flat, param, sel)
                     except torch.OutOfMemoryError:
                         if chunk == 1:
                             raise
@@ -100,33 +126,49 @@ class DiagonalEngine:
                         chunk //= 2
                         torch.cuda.empty_cache()
                         continue
+                    w = mb.weight
+                    diag[rows] += w * cols[torch.arange(len(sel)), sel]
+                    if keep_columns:
+                        block[rows] += w * cols[:, idx]
+                        if summed is None:  # one micro-batch: its columns are the layer's
+                            sq_norms[rows] += w ** 2 * (cols ** 2).sum(1)
+                        else:
+                            summed[rows] += w * cols
+                    del cols
                     start += len(sel)
                     if on_chunk:
                         on_chunk(len(sel))
                 del grad, flat, loss
-        return out
+        if summed is not None:
+            sq_norms = (summed ** 2).sum(1)
+        return HessianColumns(diag, block, sq_norms)
 
     def _columns_at(self, flat_grad: Tensor, param: Tensor, sel: Tensor) -> Tensor:
-        """(H e_i)_i for each i in ``sel``: one batched double-backward through the retained graph."""
-        rows = torch.arange(len(sel), device=sel.device)
+        """The Hessian columns H e_i, i in ``sel``, as rows: one batched double-backward through the retained graph."""
         if self.batched:
             tangents = torch.zeros(len(sel), flat_grad.numel(), dtype=flat_grad.dtype, device=flat_grad.device)
-            tangents[rows, sel] = 1
+            tangents[torch.arange(len(sel), device=sel.device), sel] = 1
             try:
                 (cols,) = torch.autograd.grad(flat_grad, param, grad_outputs=tangents, retain_graph=True,
                                               is_grads_batched=True, allow_unused=True)
-                return _zeros_if_none(cols, len(sel), param).reshape(len(sel), -1)[rows, sel]
+                return _zeros_if_none(cols, len(sel), param).reshape(len(sel), -1)
             except RuntimeError as err:
                 if isinstance(err, torch.OutOfMemoryError):
                     raise
                 warnings.warn(f"batched HVPs failed ({str(err).splitlines()[0]}); "
                               "falling back to one HVP per coordinate", RuntimeWarning, stacklevel=2)
                 self.batched = False
-        values = []
-        for i in sel:
-            (col,) = torch.autograd.grad(flat_grad[i], param, retain_graph=True, allow_unused=True)
-            values.append(_zeros_if_none(col, None, param).reshape(-1)[i])
-        return torch.stack(values)
+        cols = [torch.autograd.grad(flat_grad[i], param, retain_graph=True, allow_unused=True)[0] for i in sel]
+        return torch.stack([_zeros_if_none(col, None, param).reshape(-1) for col in cols])
+
+
+@dataclass(frozen=True)
+class HessianColumns:
+    """What the statistics need of the Hessian columns H e_i at the sampled coordinates S of one layer."""
+
+    diag: Tensor      # H_ii, i in S
+    block: Tensor     # H[S, S]: row r is column i_r restricted to S
+    sq_norms: Tensor  # ‖H e_i‖² over the whole layer (zeros unless columns were kept)
 
 
 def _zeros_if_none(cols: Tensor | None, batch: int | None, param: Tensor) -> Tensor:
