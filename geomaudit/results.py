@@ -22,7 +22,7 @@ class LayerResult:
     stats: dict[str, float]
     seconds: float
     cached: bool = False
-    s_med_method: str | None = None  # "dense" or "submatrix of k coordinates" when S_med was computed
+    s_med_method: str | None = None  # "dense" or "submatrix" (H[S, S] of the sampled S) when S_med was computed
 
     @property
     def numel(self) -> int:

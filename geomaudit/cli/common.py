@@ -71,7 +71,7 @@ def emit(document: dict, json_path: str | None, render: Callable[[dict], list]) 
         write_json(document, json_path)
         stderr.print(f"wrote {json_path}")
     else:
-        console = Console() if sys.stdout.isatty() else Console(width=160)
+        console = Console() if sys.stdout.isatty() else Console(width=200)
         for table in render(document):
             console.print(table)
 

@@ -50,6 +50,8 @@ def compare(
     cache_dir: o.CacheDir = None,
     no_cache: o.NoCache = False,
     metric: o.MetricOpt = o.Metric.r_med_stab,
+    smed: o.Smed = False,
+    dense_max: o.DenseMax = 2048,
 ):
     """Per-layer R_med of runs A and B, their ratio, and a summary per pair of checkpoints."""
     with handle_errors(ctx):

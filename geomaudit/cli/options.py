@@ -25,6 +25,9 @@ class Metric(str, Enum):
     r_med = "r_med"
     r_med_stab = "r_med_stab"
     r_topk = "r_topk"
+    s_med = "s_med"
+    r_diag_mean = "r_diag_mean"
+    r_diag_median = "r_diag_median"
 
 
 Data = Annotated[str | None, typer.Option("--data", "-d", help=".jsonl/.csv/.txt text or pre-tokenized "
@@ -56,7 +59,11 @@ CacheDir = Annotated[str | None, typer.Option(help="Where finished work is kept 
                      "else ~/.cache/geomaudit).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the result cache.")]
 MetricOpt = Annotated[Metric, typer.Option("--metric", help="Statistic the thresholds and ratios use "
-                      "(r_med_stab: footnote 8, as in the paper's tables).")]
+                      "(r_med_stab: footnote 8, as in the paper's tables; s_med and r_diag_* need --smed).")]
+Smed = Annotated[bool, typer.Option("--smed", help="Also S_med (App. A.9) and r_diag (App. F) from the same "
+                 "Hessian columns.")]
+DenseMax = Annotated[int, typer.Option(help="With --smed: layers of at most this many entries get the dense "
+                     "Hessian block; larger ones the submatrix of the sampled coordinates.")]
 
 
 def split_layers(values: list[str], coords: int) -> tuple[tuple[str, ...], int]:
@@ -92,4 +99,4 @@ def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
     return AuditConfig(checkpoint, o["data"], n, globs, o["topk"], o["batch_size"], o["micro_batch"],
                        o["max_length"], o["seed"], o["device"], o["precision"].value, o["task"].value, o["model"],
                        o["loss"], o["allow_pickle"], o["chunk_size"], parse_numbers(o["steps"], "--steps"),
-                       o["every"], loss_from, cache)
+                       o["every"], loss_from, cache, o["smed"], o["dense_max"])

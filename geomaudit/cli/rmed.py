@@ -34,6 +34,8 @@ def rmed(
     cache_dir: o.CacheDir = None,
     no_cache: o.NoCache = False,
     metric: o.MetricOpt = o.Metric.r_med_stab,
+    smed: o.Smed = False,
+    dense_max: o.DenseMax = 2048,
     fail_above: Annotated[float | None, typer.Option(help="Exit 1 when a layer's --metric is above this "
                                                           "(a CI gate).")] = None,
 ):

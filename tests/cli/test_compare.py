@@ -217,3 +217,20 @@ def test_a_lone_checkpoint_has_a_step_only_when_its_name_says_so(trainer_runs, t
 
     assert discover(tiny_gpt2_dir).checkpoints[0].step is None  # the folder is named tiny-gpt2<n>
     assert discover(trainer_runs["adam-0"] / "checkpoint-4").checkpoints[0].step == 4
+
+
+def test_smed_and_r_diag_through_rmed_compare_and_the_cache(trainer_runs):
+    a, b = str(trainer_runs["adam-0"]), str(trainer_runs["sgd-0"])
+    args = ["--coords", "12", "--layers", "transformer.h.1.ln_2.*", "--layers", "transformer.h.1.mlp.c_fc.weight",
+            "--batch-size", "8", "--steps", "6", "--smed", "--dense-max", "100"]
+    first = report("rmed", a, *args)
+    layers = first["checkpoints"][0]["layers"]
+    assert [la["s_med_method"] for la in layers] == ["dense", "dense", "submatrix"]
+    assert all(la["stats"]["s_med"] >= 1 and la["stats"]["r_diag_median"] >= 0 for la in layers)
+    second = report("rmed", a, *args)
+    assert all(la["cached"] for la in second["checkpoints"][0]["layers"])
+    assert [la["stats"] for la in second["checkpoints"][0]["layers"]] == [la["stats"] for la in layers]
+    assert "S_med" in run("rmed", a, *args).stdout
+    pair = report("compare", a, b, *args, "--metric", "s_med")["compare"]["pairs"][0]
+    values = {la["name"]: la["stats"]["s_med"] for la in layers}
+    assert [r["a_mean"] for r in pair["layers"]] == pytest.approx([values[r["name"]] for r in pair["layers"]])
