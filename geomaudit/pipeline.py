@@ -4,11 +4,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from .cache import CacheEntry, checkpoint_digest
-from .engine.audit import audit_checkpoint, audit_loss, select_layers
+from .engine.audit import audit_checkpoint, audit_gradient, audit_loss, select_layers
+from .engine.stats import alignment_stats
 from .errors import InputError, UsageError
 from .io.checkpoints import LoadedModel, load_checkpoint
 from .io.data import AuditBatch, TextRecords, build_batch, embedded_corpus, read_records
+from .io.optimizer import adam_state, adaptive_step
 from .io.trajectory import CheckpointRef, discover, expand_runs
 from .report.document import report_document
 from .results import CheckpointResult, json_number
@@ -44,6 +48,7 @@ class AuditConfig:
     cache_dir: str | None = None
     geometry: bool = False
     dense_max: int = 2048
+    alignment: bool = False
 
     def validate(self) -> None:
         for name in ("coords", "topk", "batch_size", "micro_batch", "max_length", "chunk_size", "dense_max"):
@@ -151,7 +156,21 @@ class Auditor:
             cached=entry.layers, on_result=lambda layer: entry.save(loss, layer.to_dict()),
             on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk)
         entry.save(loss)
+        if c.alignment:
+            result = replace(result, layers=self._aligned(ref, loaded, micro, result.layers))
         return replace(result, run=run, logged_loss=ref.logged_loss)
+
+    def _aligned(self, ref: CheckpointRef, loaded: LoadedModel, micro: list, layers: tuple) -> tuple:
+        """Each layer with how its gradient and Adam step line up with |H_ii| at the sampled coordinates."""
+        moments = adam_state(ref.path, loaded.model)
+        grads = audit_gradient(loaded.model, loaded.loss_fn, micro, [la.name for la in layers])
+        aligned = []
+        for la in layers:
+            at = torch.as_tensor(la.indices)
+            g = grads[la.name].reshape(-1)[at.to(grads[la.name].device)].double().cpu().numpy()
+            step = adaptive_step(moments[la.name]).reshape(-1)[at].double().numpy()
+            aligned.append(replace(la, alignment=alignment_stats(la.h_diag, g, step)))
+        return tuple(aligned)
 
     def document(self, command: str, checkpoints: list[CheckpointResult], extra: dict) -> dict:
         micro = self._loaded[2]

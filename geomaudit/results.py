@@ -23,6 +23,7 @@ class LayerResult:
     seconds: float
     cached: bool = False
     s_med_method: str | None = None  # "dense" or "submatrix" (H[S, S] of the sampled S) when S_med was computed
+    alignment: dict | None = None  # gradient and Adam-step alignment with |H_ii| (``alignment_stats``)
 
     @property
     def numel(self) -> int:
@@ -40,6 +41,8 @@ class LayerResult:
             "seconds": round(self.seconds, 6),
             "cached": self.cached,
             "s_med_method": self.s_med_method,
+            "alignment": None if self.alignment is None else {
+                k: json_number(v) if k.startswith("spearman") else v for k, v in self.alignment.items()},
         }
 
 

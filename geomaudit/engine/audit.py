@@ -105,3 +105,16 @@ def audit_checkpoint(
         if on_result:
             on_result(results[-1])
     return CheckpointResult(path, step, loss, tuple(results))
+
+
+def audit_gradient(model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch],
+                   names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The true gradient of the audit loss Σ_b w_b L_b with respect to the named tensors."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    for mb in micro_batches:
+        grads = torch.autograd.grad(loss_fn(model, mb.tensors), [params[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                total[n] += mb.weight * g
+    return total

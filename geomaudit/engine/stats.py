@@ -74,3 +74,32 @@ def geometry_stats(block: np.ndarray, diag: np.ndarray, sq_norms: np.ndarray) ->
         "r_diag_mean": float(r.mean()) if r.size else float("nan"),
         "r_diag_median": float(np.median(r)) if r.size else float("nan"),
     }
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's on the ranks (ties get their average rank); nan if a side is constant.
+
+    >>> spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0]))
+    0.5
+    """
+    def ranks(x: np.ndarray) -> np.ndarray:  # 0-based; tied values share the mean of their positions
+        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+        starts = np.cumsum(counts) - counts
+        return (starts + (counts - 1) / 2)[inverse]
+
+    ra, rb = ranks(np.asarray(a, dtype=np.float64)), ranks(np.asarray(b, dtype=np.float64))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def alignment_stats(h_diag: np.ndarray, grad: np.ndarray, step: np.ndarray) -> dict:
+    """How |g_i| and Adam's |g_adapt,i| line up with |H_ii| (App. A.6, Figs. 10–12).
+
+    ``spearman_grad`` and ``spearman_step`` are the rank correlations of |g| and |g_adapt| with |H_ii|; the
+    ``curves`` hold the three magnitudes with the coordinates sorted by |H_ii| ascending, as the figures plot them.
+    """
+    h, g, s = (np.abs(np.asarray(x, dtype=np.float64)) for x in (h_diag, grad, step))
+    order = np.argsort(h, kind="stable")
+    return {"spearman_grad": spearman(g, h), "spearman_step": spearman(s, h),
+            "curves": {"h_abs": h[order].tolist(), "grad_abs": g[order].tolist(), "step_abs": s[order].tolist()}}
