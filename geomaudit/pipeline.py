@@ -48,6 +48,7 @@ class AuditConfig:
     cache_dir: str | None = None
     geometry: bool = False
     dense_max: int = 2048
+    slq: bool = False
     alignment: bool = False
 
     def validate(self) -> None:
@@ -55,6 +56,8 @@ class AuditConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.slq and not self.geometry:
+            raise UsageError("--slq estimates S_med: it needs --smed")
         if self.loss_from not in LOSS_SOURCES:
             raise UsageError(f"--loss-from must be one of {', '.join(LOSS_SOURCES)}, got {self.loss_from!r}")
 
@@ -125,7 +128,7 @@ class Auditor:
             self._digests[path] = checkpoint_digest(path)
         key = {"checkpoint": self._digests[path], "data": self.batch.fingerprint, "coords": c.coords,
                "seed": c.seed, "precision": c.precision, "task": c.task, "micro_batch": c.micro_batch,
-               "model": c.model, "loss": c.loss, "geometry": c.geometry, "dense_max": c.dense_max}
+               "model": c.model, "loss": c.loss, "geometry": c.geometry, "dense_max": c.dense_max, "slq": c.slq}
         entry = CacheEntry(Path(c.cache_dir) if c.cache_dir else None, key)
         if entry.corrupt:
             self.progress.status(f"ignoring a corrupt cache entry for {path}: recomputing")
@@ -152,7 +155,7 @@ class Auditor:
         result = audit_checkpoint(
             loaded.model, loaded.loss_fn, micro, select_layers(loaded.model, c.layers), coords=c.coords,
             seed=c.seed, topk=c.topk, chunk_size=c.chunk_size, path=str(ref.path), step=ref.step, loss=loss,
-            geometry=c.geometry, dense_max=c.dense_max,
+            geometry=c.geometry, dense_max=c.dense_max, slq=c.slq,
             cached=entry.layers, on_result=lambda layer: entry.save(loss, layer.to_dict()),
             on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk)
         entry.save(loss)

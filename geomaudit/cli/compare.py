@@ -52,6 +52,7 @@ def compare(
     metric: o.MetricOpt = o.Metric.r_med_stab,
     smed: o.Smed = False,
     dense_max: o.DenseMax = 2048,
+    slq: o.Slq = False,
     alignment: o.Alignment = False,
 ):
     """Per-layer R_med of runs A and B, their ratio, and a summary per pair of checkpoints."""

@@ -62,6 +62,8 @@ MetricOpt = Annotated[Metric, typer.Option("--metric", help="Statistic the thres
                       "(r_med_stab: footnote 8, as in the paper's tables; s_med and r_diag_* need --smed).")]
 Smed = Annotated[bool, typer.Option("--smed", help="Also S_med (App. A.9) and r_diag (App. F) from the same "
                  "Hessian columns.")]
+Slq = Annotated[bool, typer.Option("--slq", help="With --smed: S_med of layers above --dense-max from a stochastic "
+                "Lanczos estimate of the whole block's spectrum instead of the sampled submatrix.")]
 Alignment = Annotated[bool, typer.Option("--alignment", help="Also how the true gradient and Adam's step align "
                       "with |H_ii| (App. A.6; reads the checkpoint's optimizer.pt).")]
 DenseMax = Annotated[int, typer.Option(help="With --smed: layers of at most this many entries get the dense "
@@ -101,4 +103,5 @@ def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
     return AuditConfig(checkpoint, o["data"], n, globs, o["topk"], o["batch_size"], o["micro_batch"],
                        o["max_length"], o["seed"], o["device"], o["precision"].value, o["task"].value, o["model"],
                        o["loss"], o["allow_pickle"], o["chunk_size"], parse_numbers(o["steps"], "--steps"),
-                       o["every"], loss_from, cache, o["smed"], o["dense_max"], o["alignment"])
+                       o["every"], loss_from, cache, o["smed"], o["dense_max"], o["slq"],
+                       o["alignment"])

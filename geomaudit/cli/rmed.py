@@ -36,6 +36,7 @@ def rmed(
     metric: o.MetricOpt = o.Metric.r_med_stab,
     smed: o.Smed = False,
     dense_max: o.DenseMax = 2048,
+    slq: o.Slq = False,
     alignment: o.Alignment = False,
     fail_above: Annotated[float | None, typer.Option(help="Exit 1 when a layer's --metric is above this "
                                                           "(a CI gate).")] = None,

@@ -13,7 +13,7 @@ from ..errors import InputError, UsageError
 from ..results import CheckpointResult, LayerResult
 from .hdiag import DiagonalEngine, LossFn, MicroBatch
 from .sampling import sample_indices
-from .stats import diagonal_stats, geometry_stats
+from .stats import diagonal_stats, ratio, geometry_stats
 
 
 def select_layers(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
@@ -56,6 +56,7 @@ def audit_checkpoint(
     loss: float | None = None,
     geometry: bool = False,
     dense_max: int = 2048,
+    slq: bool = False,
     cached: Mapping[str, Mapping] | None = None,
     on_result: Callable[[LayerResult], None] | None = None,
     on_layer: Callable[[int, int, str, int], None] | None = None,
@@ -65,7 +66,8 @@ def audit_checkpoint(
 
     With ``geometry``, each layer also gets S_med and r_diag (``geometry_stats``) from the same Hessian
     columns: S_med of the dense block for layers of at most ``dense_max`` entries (every column is computed),
-    else of the principal submatrix H[S, S] of the sampled coordinates (``s_med_method`` says which).
+    else of the principal submatrix H[S, S] of the sampled coordinates, or with ``slq`` of the whole block by
+    stochastic Lanczos quadrature (``s_med_method`` says which).
     ``loss`` is the audit loss when already known. ``cached[name]`` (``indices``, ``h_diag``, ``seconds``)
     is earlier work, reused when its indices are the ones this audit samples. ``on_result`` receives each
     newly computed layer (to save it); ``on_layer(position, count, name, work)`` announces each layer with
@@ -95,7 +97,11 @@ def audit_checkpoint(
             at = indices if dense else np.arange(len(indices))
             diag, block, sq = (t.double().cpu().numpy() for t in (cols.diag, cols.block, cols.sq_norms))
             h, extra = diag[at], geometry_stats(block, diag[at], sq[at])
-            method = "dense" if dense else "submatrix"
+            method = "dense" if dense else "slq" if slq else "submatrix"
+            if method == "slq":
+                spectrum = engine.abs_spectrum(name, seed=seed)
+                extra |= {"s_med": ratio(spectrum["max_abs"], spectrum["median_abs"]),
+                          "eig_max_abs": spectrum["max_abs"], "eig_median_abs": spectrum["median_abs"]}
         else:
             h, extra, method = engine.diagonal(name, indices, on_chunk).double().cpu().numpy(), {}, None
         if not all(map(math.isfinite, h)):

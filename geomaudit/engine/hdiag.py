@@ -89,6 +89,31 @@ class DiagonalEngine:
         """
         return self._accumulate(name, indices, on_chunk, keep_columns=True)
 
+    def abs_spectrum(self, name: str, probes: int = 8, steps: int = 40, seed: int = 0) -> dict[str, float]:
+        """Max and median |eigenvalue| of the layer's Hessian block by stochastic Lanczos quadrature (``slq``).
+
+        Each matvec is Σ_b w_b H_b v, so every micro-batch's graph is held at once.
+        """
+        from .slq import slq_abs_stats
+
+        param = dict(self.model.named_parameters())[name]
+        with only_requires_grad(self.model, param):
+            grads = []
+            for mb in self.micro_batches:
+                loss = self.loss_fn(self.model, mb.tensors)
+                grad = torch.autograd.grad(loss, param, create_graph=True)[0] if loss.requires_grad else None
+                if grad is not None and grad.requires_grad:
+                    grads.append((mb.weight, grad.reshape(-1)))
+
+            def matvec(v: Tensor) -> Tensor:
+                out = torch.zeros_like(v)
+                for weight, grad in grads:
+                    out += weight * torch.autograd.grad(grad, param, v, retain_graph=True)[0].reshape(-1)
+                return out
+
+            return slq_abs_stats(matvec, param.numel(), probes=probes, steps=steps, seed=seed, dtype=param.dtype,
+                                 device=param.device)
+
     def _accumulate(self, name: str, indices: Sequence[int] | Tensor, on_chunk: Callable[[int], None] | None,
                     keep_columns: bool) -> "HessianColumns":
         param = dict(self.model.named_parameters())[name]

@@ -7,7 +7,8 @@ A ratio whose denominator is 0 is ``inf`` (``null`` in JSON); 0/0 is ``nan`` (al
 import numpy as np
 
 
-def _ratio(num: float, den: float) -> float:
+def ratio(num: float, den: float) -> float:
+    """num / den, with inf for x / 0 and nan for 0 / 0."""
     if den == 0.0:
         return float("nan") if num == 0.0 else float("inf")
     return num / den
@@ -32,9 +33,9 @@ def diagonal_stats(h_diag: np.ndarray, topk: int = 10) -> dict[str, float]:
     k = min(topk, a.size)
     kth = float(np.partition(a, a.size - k)[a.size - k])
     return {
-        "r_med": _ratio(mx, med),
-        "r_med_stab": _ratio(mx, med + 1e-3 * mx),
-        "r_topk": _ratio(kth, med),
+        "r_med": ratio(mx, med),
+        "r_med_stab": ratio(mx, med + 1e-3 * mx),
+        "r_topk": ratio(kth, med),
         "topk": k,
         "zero_frac": float(np.mean(a == 0.0)),
         "max_abs": mx,
@@ -68,7 +69,7 @@ def geometry_stats(block: np.ndarray, diag: np.ndarray, sq_norms: np.ndarray) ->
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(d[keep] > 0, off / d[keep], np.inf)
     return {
-        "s_med": _ratio(float(eig.max()), float(np.median(eig))),
+        "s_med": ratio(float(eig.max()), float(np.median(eig))),
         "eig_max_abs": float(eig.max()),
         "eig_median_abs": float(np.median(eig)),
         "r_diag_mean": float(r.mean()) if r.size else float("nan"),

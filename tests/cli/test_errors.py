@@ -165,6 +165,8 @@ def test_bad_option_values(tiny_gpt2_dir):
     if not torch.cuda.is_available():
         fail(["rmed", str(tiny_gpt2_dir), "--device", "cuda"], 2, "no CUDA device")
     fail(["rmed", str(tiny_gpt2_dir), "--loss", "tinymlp:mse"], 2, "--loss needs --model")
+    fail(["rmed", str(tiny_gpt2_dir), "--slq"], 2, "it needs --smed")
+    fail(["rmed", str(tiny_gpt2_dir), "--smed", "--dense-max", "0"], 2, "--dense-max must be at least 1")
 
 
 def test_json_into_a_missing_folder_fails_before_the_work(tiny_gpt2_dir, tmp_path):

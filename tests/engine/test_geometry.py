@@ -81,3 +81,27 @@ def test_too_many_columns_for_memory_is_a_usage_error(monkeypatch):
     pieces = [MicroBatch({k: v[s] for k, v in batch.items()}, 0.5) for s in (slice(0, 6), slice(6, 12))]
     with pytest.raises(UsageError, match="need .* GiB"):
         DiagonalEngine(model, ce, pieces).columns("0.weight", range(10))
+
+
+def test_slq_on_a_matrix_with_a_known_spectrum():
+    """Eigenvalues spread evenly over [-1, 3] in a random basis: the median |λ| is 1.0, the max 3."""
+    from geomaudit.engine.slq import slq_abs_stats
+
+    eig = np.linspace(-1, 3, 500)
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(500, 500)))
+    h = torch.tensor(q @ np.diag(eig) @ q.T)
+    s = slq_abs_stats(lambda v: h @ v, 500)
+    assert s["max_abs"] == pytest.approx(3.0, rel=1e-3)
+    assert s["median_abs"] == pytest.approx(np.median(np.abs(eig)), rel=0.10)  # the stated tolerance: 10%
+
+
+def test_engine_slq_against_the_dense_layer_hessian():
+    model, batch = mlp_and_data()
+    pieces = [MicroBatch({k: v[s] for k, v in batch.items()}, 0.5) for s in (slice(0, 6), slice(6, 12))]
+    eig = np.abs(np.linalg.eigvalsh(dense(model, "0.weight", batch)))
+    s = DiagonalEngine(model, ce, pieces).abs_spectrum("0.weight", probes=16)
+    assert s["max_abs"] == pytest.approx(eig.max(), rel=1e-6)
+    assert s["median_abs"] == pytest.approx(np.median(eig), rel=0.25)
+    result = audit_checkpoint(model, ce, pieces, ["0.weight"], coords=10, seed=0, geometry=True, dense_max=20,
+                              slq=True)
+    assert result.layers[0].s_med_method == "slq" and result.layers[0].stats["eig_max_abs"] == pytest.approx(eig.max())
