@@ -49,6 +49,7 @@ class AuditConfig:
     geometry: bool = False
     dense_max: int = 2048
     slq: bool = False
+    across: tuple[str, ...] = ()
     alignment: bool = False
 
     def validate(self) -> None:
@@ -56,8 +57,8 @@ class AuditConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.slq and not self.geometry:
-            raise UsageError("--slq estimates S_med: it needs --smed")
+        if (self.slq or self.across) and not self.geometry:
+            raise UsageError(f"{'--slq' if self.slq else '--across'} works on the Hessian columns: it needs --smed")
         if self.loss_from not in LOSS_SOURCES:
             raise UsageError(f"--loss-from must be one of {', '.join(LOSS_SOURCES)}, got {self.loss_from!r}")
 
@@ -156,6 +157,7 @@ class Auditor:
             loaded.model, loaded.loss_fn, micro, select_layers(loaded.model, c.layers), coords=c.coords,
             seed=c.seed, topk=c.topk, chunk_size=c.chunk_size, path=str(ref.path), step=ref.step, loss=loss,
             geometry=c.geometry, dense_max=c.dense_max, slq=c.slq,
+            across=select_layers(loaded.model, c.across) if c.across else (),
             cached=entry.layers, on_result=lambda layer: entry.save(loss, layer.to_dict()),
             on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk)
         entry.save(loss)

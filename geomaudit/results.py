@@ -56,7 +56,10 @@ class CheckpointResult:
     layers: tuple[LayerResult, ...]
     run: str | None = None
     logged_loss: float | None = None
+    across: dict | None = None  # r_diag pooled over the sampled coordinates of the ``--across`` layers
 
     def to_dict(self) -> dict:
         return {"path": self.path, "run": self.run, "step": self.step, "loss": self.loss,
-                "logged_loss": self.logged_loss, "layers": [layer.to_dict() for layer in self.layers]}
+                "logged_loss": self.logged_loss, "layers": [layer.to_dict() for layer in self.layers],
+                "across": None if self.across is None else {
+                    k: v if k == "layers" else json_number(v) for k, v in self.across.items()}}

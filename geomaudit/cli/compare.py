@@ -53,6 +53,7 @@ def compare(
     smed: o.Smed = False,
     dense_max: o.DenseMax = 2048,
     slq: o.Slq = False,
+    across: o.Across = None,
     alignment: o.Alignment = False,
 ):
     """Per-layer R_med of runs A and B, their ratio, and a summary per pair of checkpoints."""

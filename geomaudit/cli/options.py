@@ -64,6 +64,8 @@ Smed = Annotated[bool, typer.Option("--smed", help="Also S_med (App. A.9) and r_
                  "Hessian columns.")]
 Slq = Annotated[bool, typer.Option("--slq", help="With --smed: S_med of layers above --dense-max from a stochastic "
                 "Lanczos estimate of the whole block's spectrum instead of the sampled submatrix.")]
+Across = Annotated[list[str] | None, typer.Option("--across", help="With --smed: glob of layers whose Hessian "
+                   "columns are taken together, for r_diag across layers (Fig. 15); repeat for several.")]
 Alignment = Annotated[bool, typer.Option("--alignment", help="Also how the true gradient and Adam's step align "
                       "with |H_ii| (App. A.6; reads the checkpoint's optimizer.pt).")]
 DenseMax = Annotated[int, typer.Option(help="With --smed: layers of at most this many entries get the dense "
@@ -104,4 +106,4 @@ def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
                        o["max_length"], o["seed"], o["device"], o["precision"].value, o["task"].value, o["model"],
                        o["loss"], o["allow_pickle"], o["chunk_size"], parse_numbers(o["steps"], "--steps"),
                        o["every"], loss_from, cache, o["smed"], o["dense_max"], o["slq"],
-                       o["alignment"])
+                       tuple(o["across"] or ()), o["alignment"])

@@ -37,6 +37,7 @@ def rmed(
     smed: o.Smed = False,
     dense_max: o.DenseMax = 2048,
     slq: o.Slq = False,
+    across: o.Across = None,
     alignment: o.Alignment = False,
     fail_above: Annotated[float | None, typer.Option(help="Exit 1 when a layer's --metric is above this "
                                                           "(a CI gate).")] = None,

@@ -13,7 +13,7 @@ from ..errors import InputError, UsageError
 from ..results import CheckpointResult, LayerResult
 from .hdiag import DiagonalEngine, LossFn, MicroBatch
 from .sampling import sample_indices
-from .stats import diagonal_stats, ratio, geometry_stats
+from .stats import diagonal_stats, geometry_stats, r_diag_values, ratio
 
 
 def select_layers(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
@@ -57,6 +57,7 @@ def audit_checkpoint(
     geometry: bool = False,
     dense_max: int = 2048,
     slq: bool = False,
+    across: Sequence[str] = (),
     cached: Mapping[str, Mapping] | None = None,
     on_result: Callable[[LayerResult], None] | None = None,
     on_layer: Callable[[int, int, str, int], None] | None = None,
@@ -67,7 +68,9 @@ def audit_checkpoint(
     With ``geometry``, each layer also gets S_med and r_diag (``geometry_stats``) from the same Hessian
     columns: S_med of the dense block for layers of at most ``dense_max`` entries (every column is computed),
     else of the principal submatrix H[S, S] of the sampled coordinates, or with ``slq`` of the whole block by
-    stochastic Lanczos quadrature (``s_med_method`` says which).
+    stochastic Lanczos quadrature (``s_med_method`` says which). With ``across`` (layer names), the columns of
+    those layers run over all of them together, giving r_diag across layers (``r_diag_across_*``, and pooled
+    over their sampled coordinates in ``CheckpointResult.across``: the paper's Figure 15).
     ``loss`` is the audit loss when already known. ``cached[name]`` (``indices``, ``h_diag``, ``seconds``)
     is earlier work, reused when its indices are the ones this audit samples. ``on_result`` receives each
     newly computed layer (to save it); ``on_layer(position, count, name, work)`` announces each layer with
@@ -77,14 +80,14 @@ def audit_checkpoint(
     engine = DiagonalEngine(model, loss_fn, micro_batches, chunk_size)
     params = dict(model.named_parameters())
     cached = cached or {}
-    results = []
+    results, pooled = [], []
     for position, name in enumerate(layers, 1):
         shape = tuple(params[name].shape)
         indices = sample_indices(shape, coords, seed)
         if on_layer:
             on_layer(position, len(layers), name, len(indices) * len(micro_batches))
         earlier = cached.get(name)
-        if earlier is not None and list(earlier["indices"]) == indices.tolist():
+        if earlier is not None and name not in across and list(earlier["indices"]) == indices.tolist():
             h = np.asarray(earlier["h_diag"], dtype=np.float64)
             stats = diagonal_stats(h, topk) | earlier.get("geometry", {})
             results.append(LayerResult(name, shape, indices, h, stats, earlier["seconds"], True,
@@ -93,10 +96,15 @@ def audit_checkpoint(
         start = time.perf_counter()
         if geometry:
             dense = params[name].numel() <= dense_max
-            cols = engine.columns(name, np.arange(params[name].numel()) if dense else indices, on_chunk)
+            joint = across if name in across else ()
+            cols = engine.columns(name, np.arange(params[name].numel()) if dense else indices, on_chunk, joint)
             at = indices if dense else np.arange(len(indices))
-            diag, block, sq = (t.double().cpu().numpy() for t in (cols.diag, cols.block, cols.sq_norms))
+            diag, block, sq, sq_joint = (t.double().cpu().numpy()
+                                         for t in (cols.diag, cols.block, cols.sq_norms, cols.sq_norms_across))
             h, extra = diag[at], geometry_stats(block, diag[at], sq[at])
+            if joint:
+                pooled.append(r_diag_values(h, sq_joint[at]))
+                extra |= _mean_median("r_diag_across", pooled[-1])
             method = "dense" if dense else "slq" if slq else "submatrix"
             if method == "slq":
                 spectrum = engine.abs_spectrum(name, seed=seed)
@@ -110,7 +118,13 @@ def audit_checkpoint(
                                    time.perf_counter() - start, False, method))
         if on_result:
             on_result(results[-1])
-    return CheckpointResult(path, step, loss, tuple(results))
+    summary = {"layers": list(across)} | _mean_median("r_diag", np.concatenate(pooled)) if pooled else None
+    return CheckpointResult(path, step, loss, tuple(results), across=summary)
+
+
+def _mean_median(prefix: str, values: np.ndarray) -> dict[str, float]:
+    return {f"{prefix}_mean": float(values.mean()) if values.size else float("nan"),
+            f"{prefix}_median": float(np.median(values)) if values.size else float("nan")}
 
 
 def audit_gradient(model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch],

@@ -38,13 +38,14 @@ class MicroBatch:
 
 
 @contextmanager
-def only_requires_grad(model: nn.Module, param: nn.Parameter):
-    """Differentiate the audited tensor alone: every other parameter is frozen for the duration."""
+def only_requires_grad(model: nn.Module, *params: nn.Parameter):
+    """Differentiate the audited tensors alone: every other parameter is frozen for the duration."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in saved:
             p.requires_grad_(False)
-        param.requires_grad_(True)
+        for p in params:
+            p.requires_grad_(True)
         yield
     finally:
         for p, flag in saved:
@@ -80,14 +81,16 @@ class DiagonalEngine:
         """
         return self._accumulate(name, indices, on_chunk, keep_columns=False).diag
 
-    def columns(self, name: str, indices: Sequence[int] | Tensor,
-                on_chunk: Callable[[int], None] | None = None) -> "HessianColumns":
+    def columns(self, name: str, indices: Sequence[int] | Tensor, on_chunk: Callable[[int], None] | None = None,
+                across: Sequence[str] = ()) -> "HessianColumns":
         """H_ii, the principal submatrix H[S, S] and the squared norms ‖H e_i‖² for the coordinates S.
 
-        The columns come from the same HVPs as the diagonal. With several micro-batches the norms need the
-        summed columns, so ``len(S) × numel`` values are held (a usage error past 2 GiB).
+        The columns come from the same HVPs as the diagonal, taken over the layer and the tensors named in
+        ``across`` together: ``sq_norms`` covers the layer's own rows, ``sq_norms_across`` all of them. With
+        several micro-batches the norms need the summed columns, so ``len(S) ×`` (their length) values are held
+        (a usage error past 2 GiB).
         """
-        return self._accumulate(name, indices, on_chunk, keep_columns=True)
+        return self._accumulate(name, indices, on_chunk, keep_columns=True, across=across)
 
     def abs_spectrum(self, name: str, probes: int = 8, steps: int = 40, seed: int = 0) -> dict[str, float]:
         """Max and median |eigenvalue| of the layer's Hessian block by stochastic Lanczos quadrature (``slq``).
@@ -115,20 +118,24 @@ class DiagonalEngine:
                                  device=param.device)
 
     def _accumulate(self, name: str, indices: Sequence[int] | Tensor, on_chunk: Callable[[int], None] | None,
-                    keep_columns: bool) -> "HessianColumns":
-        param = dict(self.model.named_parameters())[name]
+                    keep_columns: bool, across: Sequence[str] = ()) -> "HessianColumns":
+        named = dict(self.model.named_parameters())
+        param = named[name]
+        wrt = [param] + [named[n] for n in across if n != name]  # the layer first: its rows lead every column
+        length = sum(p.numel() for p in wrt)
         idx = torch.as_tensor(indices, dtype=torch.long, device=param.device)
         zeros = partial(torch.zeros, dtype=param.dtype, device=param.device)
-        diag, block, sq_norms = zeros(len(idx)), zeros(len(idx), len(idx)), zeros(len(idx))
+        diag, block = zeros(len(idx)), zeros(len(idx), len(idx))
+        sq_norms, sq_across = zeros(len(idx)), zeros(len(idx))
         summed = None
         if keep_columns and len(self.micro_batches) > 1:
-            size = len(idx) * param.numel() * param.element_size()
+            size = len(idx) * length * param.element_size()
             if size > COLUMN_BUDGET_BYTES:
                 raise UsageError(f"the Hessian columns of {name} with several micro-batches need {size / 2**30:.1f} "
                                  "GiB: use one micro-batch, fewer --coords, or fewer --layers")
-            summed = zeros(len(idx), param.numel())
+            summed = zeros(len(idx), length)
         chunk = self._chunk_for(param)
-        with only_requires_grad(self.model, param):
+        with only_requires_grad(self.model, *wrt):
             for mb in self.micro_batches:
                 loss = self.loss_fn(self.model, mb.tensors)
                 grad = torch.autograd.grad(loss, param, create_graph=True)[0] if loss.requires_grad else None
@@ -142,7 +149,7 @@ class DiagonalEngine:
                     sel = idx[start:start + chunk]
                     rows = slice(start, start + len(sel))
                     try:
-                        cols = self._columns_at(flat, param, sel)
+                        cols = self._columns_at(flat, wrt if keep_columns else [param], sel)
                     except torch.OutOfMemoryError:
                         if chunk == 1:
                             raise
@@ -156,7 +163,8 @@ class DiagonalEngine:
                     if keep_columns:
                         block[rows] += w * cols[:, idx]
                         if summed is None:  # one micro-batch: its columns are the layer's
-                            sq_norms[rows] += w ** 2 * (cols ** 2).sum(1)
+                            sq_norms[rows] += w ** 2 * (cols[:, :param.numel()] ** 2).sum(1)
+                            sq_across[rows] += w ** 2 * (cols ** 2).sum(1)
                         else:
                             summed[rows] += w * cols
                     del cols
@@ -165,26 +173,31 @@ class DiagonalEngine:
                         on_chunk(len(sel))
                 del grad, flat, loss
         if summed is not None:
-            sq_norms = (summed ** 2).sum(1)
-        return HessianColumns(diag, block, sq_norms)
+            sq_norms, sq_across = (summed[:, :param.numel()] ** 2).sum(1), (summed ** 2).sum(1)
+        return HessianColumns(diag, block, sq_norms, sq_across)
 
-    def _columns_at(self, flat_grad: Tensor, param: Tensor, sel: Tensor) -> Tensor:
-        """The Hessian columns H e_i, i in ``sel``, as rows: one batched double-backward through the retained graph."""
+    def _columns_at(self, flat_grad: Tensor, params: Sequence[Tensor], sel: Tensor) -> Tensor:
+        """The Hessian columns H e_i, i in ``sel``, over ``params`` (concatenated) as rows: one batched
+        double-backward through the retained graph."""
         if self.batched:
             tangents = torch.zeros(len(sel), flat_grad.numel(), dtype=flat_grad.dtype, device=flat_grad.device)
             tangents[torch.arange(len(sel), device=sel.device), sel] = 1
             try:
-                (cols,) = torch.autograd.grad(flat_grad, param, grad_outputs=tangents, retain_graph=True,
-                                              is_grads_batched=True, allow_unused=True)
-                return _zeros_if_none(cols, len(sel), param).reshape(len(sel), -1)
+                cols = torch.autograd.grad(flat_grad, params, grad_outputs=tangents, retain_graph=True,
+                                           is_grads_batched=True, allow_unused=True)
+                pieces = [_zeros_if_none(c, len(sel), p).reshape(len(sel), -1) for c, p in zip(cols, params)]
+                return torch.cat(pieces, 1)
             except RuntimeError as err:
                 if isinstance(err, torch.OutOfMemoryError):
                     raise
                 warnings.warn(f"batched HVPs failed ({str(err).splitlines()[0]}); "
                               "falling back to one HVP per coordinate", RuntimeWarning, stacklevel=2)
                 self.batched = False
-        cols = [torch.autograd.grad(flat_grad[i], param, retain_graph=True, allow_unused=True)[0] for i in sel]
-        return torch.stack([_zeros_if_none(col, None, param).reshape(-1) for col in cols])
+        rows = []
+        for i in sel:
+            cols = torch.autograd.grad(flat_grad[i], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([_zeros_if_none(c, None, p).reshape(-1) for c, p in zip(cols, params)]))
+        return torch.stack(rows)
 
 
 @dataclass(frozen=True)
@@ -194,6 +207,7 @@ class HessianColumns:
     diag: Tensor      # H_ii, i in S
     block: Tensor     # H[S, S]: row r is column i_r restricted to S
     sq_norms: Tensor  # ‖H e_i‖² over the whole layer (zeros unless columns were kept)
+    sq_norms_across: Tensor  # ‖H e_i‖² over the layer and the ``across`` tensors together
 
 
 def _zeros_if_none(cols: Tensor | None, batch: int | None, param: Tensor) -> Tensor:

@@ -63,11 +63,7 @@ def geometry_stats(block: np.ndarray, diag: np.ndarray, sq_norms: np.ndarray) ->
     """
     sym = (np.asarray(block, dtype=np.float64) + np.asarray(block, dtype=np.float64).T) / 2
     eig = np.abs(np.linalg.eigvalsh(sym))
-    d, sq = np.abs(np.asarray(diag, dtype=np.float64)), np.asarray(sq_norms, dtype=np.float64)
-    keep = sq > 0
-    off = np.sqrt(np.clip(sq[keep] - d[keep] ** 2, 0.0, None))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(d[keep] > 0, off / d[keep], np.inf)
+    r = r_diag_values(diag, sq_norms)
     return {
         "s_med": ratio(float(eig.max()), float(np.median(eig))),
         "eig_max_abs": float(eig.max()),
@@ -75,6 +71,15 @@ def geometry_stats(block: np.ndarray, diag: np.ndarray, sq_norms: np.ndarray) ->
         "r_diag_mean": float(r.mean()) if r.size else float("nan"),
         "r_diag_median": float(np.median(r)) if r.size else float("nan"),
     }
+
+
+def r_diag_values(diag: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
+    """r_diag,i = sqrt(‖H e_i‖² − H_ii²) / |H_ii| for the i whose column is not all zero (App. F)."""
+    d, sq = np.abs(np.asarray(diag, dtype=np.float64)), np.asarray(sq_norms, dtype=np.float64)
+    keep = sq > 0
+    off = np.sqrt(np.clip(sq[keep] - d[keep] ** 2, 0.0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(d[keep] > 0, off / d[keep], np.inf)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -234,3 +234,14 @@ def test_smed_and_r_diag_through_rmed_compare_and_the_cache(trainer_runs):
     pair = report("compare", a, b, *args, "--metric", "s_med")["compare"]["pairs"][0]
     values = {la["name"]: la["stats"]["s_med"] for la in layers}
     assert [r["a_mean"] for r in pair["layers"]] == pytest.approx([values[r["name"]] for r in pair["layers"]])
+
+
+def test_r_diag_across_layers_on_the_command_line(trainer_runs):
+    args = ["rmed", str(trainer_runs["adam-0"]), "--steps", "6", "--coords", "6", "--batch-size", "4",
+            "--layers", "transformer.h.1.*", "--smed", "--across", "transformer.h.1.mlp.c_*.weight"]
+    document = report(*args)
+    across = document["checkpoints"][0]["across"]
+    assert across["layers"] == ["transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"]
+    joint = [la for la in document["checkpoints"][0]["layers"] if la["name"] in across["layers"]]
+    assert all(la["stats"]["r_diag_across_mean"] >= la["stats"]["r_diag_mean"] for la in joint)
+    assert "r_diag across transformer.h.1.mlp.c_fc.weight" in run(*args).stdout

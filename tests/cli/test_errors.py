@@ -166,6 +166,7 @@ def test_bad_option_values(tiny_gpt2_dir):
         fail(["rmed", str(tiny_gpt2_dir), "--device", "cuda"], 2, "no CUDA device")
     fail(["rmed", str(tiny_gpt2_dir), "--loss", "tinymlp:mse"], 2, "--loss needs --model")
     fail(["rmed", str(tiny_gpt2_dir), "--slq"], 2, "it needs --smed")
+    fail(["rmed", str(tiny_gpt2_dir), "--across", "*"], 2, "--across works on the Hessian columns")
     fail(["rmed", str(tiny_gpt2_dir), "--smed", "--dense-max", "0"], 2, "--dense-max must be at least 1")
 
 

@@ -105,3 +105,37 @@ def test_engine_slq_against_the_dense_layer_hessian():
     result = audit_checkpoint(model, ce, pieces, ["0.weight"], coords=10, seed=0, geometry=True, dense_max=20,
                               slq=True)
     assert result.layers[0].s_med_method == "slq" and result.layers[0].stats["eig_max_abs"] == pytest.approx(eig.max())
+
+
+def test_r_diag_across_layers_against_the_joint_dense_hessian():
+    """Oracle: the dense Hessian of the loss in the two weight matrices together (paper Fig. 15's r_diag)."""
+    from torch.func import functional_call
+
+    model, batch = mlp_and_data()
+    names = ["0.weight", "2.weight"]
+    params = dict(model.named_parameters())
+    sizes = [params[n].numel() for n in names]
+
+    def loss(flat):
+        pieces = torch.split(flat, sizes)
+        values = {n: p.reshape(params[n].shape) for n, p in zip(names, pieces)}
+        return nn.functional.cross_entropy(functional_call(model, values, (batch["x"],)), batch["y"])
+
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    joint = torch.autograd.functional.hessian(loss, flat0).numpy()
+    for micro in (12, 5):
+        pieces = [MicroBatch({k: v[s:s + micro] for k, v in batch.items()}, len(batch["y"][s:s + micro]) / 12)
+                  for s in range(0, 12, micro)]
+        result = audit_checkpoint(model, ce, pieces, ["0.weight", "0.bias", "2.weight"], coords=7, seed=0,
+                                  geometry=True, dense_max=1, across=names)
+        pooled = []
+        for layer, offset in ((result.layers[0], 0), (result.layers[2], sizes[0])):
+            rows = joint[offset + layer.indices]
+            d = np.abs(np.diag(joint)[offset + layer.indices])
+            r = np.sqrt((rows ** 2).sum(1) - d ** 2) / d
+            pooled.append(r)
+            assert layer.stats["r_diag_across_mean"] == pytest.approx(r.mean(), rel=1e-8)
+            assert layer.stats["r_diag_across_mean"] > layer.stats["r_diag_mean"]  # more off-diagonal mass
+        assert "r_diag_across_mean" not in result.layers[1].stats
+        assert result.across["layers"] == names
+        assert result.across["r_diag_median"] == pytest.approx(np.median(np.concatenate(pooled)), rel=1e-8)
