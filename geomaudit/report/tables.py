@@ -20,13 +20,25 @@ def rmed_tables(document: dict) -> list[Table]:
         table.add_column("layer", overflow="fold", min_width=24)
         for col in ("shape", "coords"):
             table.add_column(col)
-        for col in ("R_med", "R_med_stab", f"R_top{topk}", "zero_frac", "median |H_ii|"):
+        geometry = document["settings"].get("geometry", False)
+        alignment = document["settings"].get("alignment", False)
+        extra = (("S_med", "S_med from", "r_diag mean", "r_diag median") if geometry else ()) + (
+            ("ρ(|g|, |H_ii|)", "ρ(|Adam step|, |H_ii|)") if alignment else ())
+        for col in ("R_med", "R_med_stab", f"R_top{topk}", "zero_frac", "median |H_ii|", *extra):
             table.add_column(col, justify="right")
         for layer in ckpt["layers"]:
             s = layer["stats"]
-            table.add_row(layer["name"], "×".join(map(str, layer["shape"])), str(layer["coords"]),
-                          _fmt(s["r_med"]), _fmt(s["r_med_stab"]), _fmt(s["r_topk"]),
-                          _fmt(s["zero_frac"], ".2f"), _fmt(s["median_abs"]))
+            cells = [_fmt(s["r_med"]), _fmt(s["r_med_stab"]), _fmt(s["r_topk"]), _fmt(s["zero_frac"], ".2f"),
+                     _fmt(s["median_abs"])]
+            if geometry:
+                cells += [_fmt(s["s_med"]), layer["s_med_method"], _fmt(s["r_diag_mean"]), _fmt(s["r_diag_median"])]
+            if alignment:
+                cells += [_fmt(layer["alignment"][k], ".2f") for k in ("spearman_grad", "spearman_step")]
+            table.add_row(layer["name"], "×".join(map(str, layer["shape"])), str(layer["coords"]), *cells)
+        if ckpt["across"]:
+            a = ckpt["across"]
+            table.caption = (f"r_diag across {', '.join(a['layers'])}: mean {_fmt(a['r_diag_mean'])}, "
+                             f"median {_fmt(a['r_diag_median'])}")
         tables.append(table)
     return tables
 
@@ -76,3 +88,29 @@ def compare_tables(document: dict) -> list[Table]:
     if refused:
         table.caption = "refused: " + "; ".join(refused)
     return [table]
+
+
+def svd_tables(document: dict) -> list[Table]:
+    """One table per checkpoint: a row per weight matrix with its spectrum summary, R_u and R_v (Sec. 6)."""
+    settings = document["settings"]
+    chosen = f"k = --rank {settings['rank']}" if settings["rank"] else f"k at {settings['energy']:g} of Σσ²"
+    tables = []
+    for ckpt in document["svd"]["checkpoints"]:
+        step = "" if ckpt["step"] is None else f" step {ckpt['step']}"
+        transposed = any(layer["note"].startswith("transposed") for layer in ckpt["layers"])
+        convention = "matrices as (out, in)" + (", GPT-2 Conv1D weights transposed" if transposed else "")
+        table = Table(title=f"{ckpt['path']}{step}: singular spectra, {convention}; {chosen}", title_justify="left")
+        table.add_column("layer", overflow="fold", min_width=24)
+        for col in ("matrix (out×in)", "method"):
+            table.add_column(col)
+        for col in ("k", "energy", "low-rank", "R_u", "R_v", "stable rank", "σ_1"):
+            table.add_column(col, justify="right")
+        for layer in ckpt["layers"]:
+            table.add_row(layer["name"], "×".join(map(str, layer["matrix_shape"])), layer["method"], str(layer["k"]),
+                          _fmt(layer["energy_top_k"], ".2f"), "yes" if layer["low_rank"] else "no",
+                          _fmt(layer["r_u"]), _fmt(layer["r_v"]), _fmt(layer["stable_rank"]),
+                          _fmt(layer["top_singular_values"][0]))
+        table.caption = (f"energy: share of Σσ² in the top k; low-rank: k ≤ max(1, 10% of min(out, in)); "
+                         f"{ckpt['skipped_1d']} tensors with fewer than 2 dimensions skipped")
+        tables.append(table)
+    return tables
