@@ -1,10 +1,13 @@
 """CI gates: thresholds that turn a report into exit status 1 with a one-line reason (SPEC §4)."""
 
-from .errors import ThresholdFailed
+from .errors import ThresholdFailed, UsageError
 
 
 def fail_above(document: dict, threshold: float, metric: str) -> None:
     """Fail when any audited layer's ``metric`` exceeds ``threshold`` (an undefined, infinite ratio counts)."""
+    if metric not in document["checkpoints"][0]["layers"][0]["stats"]:
+        raise UsageError(f"--metric {metric} is not among this audit's statistics (r_u, r_v: geomaudit compare; "
+                         "s_med, r_diag_*: --smed)")
     worst = None
     for ckpt in document["checkpoints"]:
         for layer in ckpt["layers"]:

@@ -206,9 +206,25 @@ class CompareConfig:
     levels: tuple[float, ...] | None = None
     reference: str = "a"
     metric: str = "r_med_stab"
+    rank: int | None = None
+    energy: float = 0.9
 
     def settings(self) -> dict:
         return asdict(self)
+
+
+SVD_METRICS = ("r_u", "r_v")
+
+
+def _low_rank_values(auditor: Auditor, ref: CheckpointRef, compare: "CompareConfig") -> dict[str, float]:
+    """R_u or R_v of the checkpoint's approximately low-rank ≥2-D weights (Sec. 6: only those are compared)."""
+    from .engine.svd import model_spectra
+
+    loaded, _ = auditor._load(ref.path)
+    names = [n for n in select_layers(loaded.model, auditor.config.layers)
+             if dict(loaded.model.named_parameters())[n].ndim >= 2]
+    spectra = model_spectra(loaded.model, names, rank=compare.rank, energy=compare.energy)
+    return {s["name"]: s[compare.metric] for s in spectra if s["low_rank"]}
 
 
 def _point(point) -> dict:
@@ -234,8 +250,14 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
         raise InputError(str(err)) from err
     audited: dict[tuple, CheckpointResult] = {}
 
+    spectra: dict[tuple, dict] = {}
+
     def with_values(point: Point) -> Point:
         key = (point.run, point.step)
+        if compare.metric in SVD_METRICS:
+            if key not in spectra:
+                spectra[key] = _low_rank_values(auditor, refs[key], compare)
+            return replace(point, values=spectra[key])
         if key not in audited:
             auditor.progress.status(f"auditing {refs[key].path}")
             audited[key] = auditor.audit(refs[key], point.run)
@@ -253,7 +275,7 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
                                for r in rows]
             entry["summary"] = summarize([r.ratio for r in rows], seed=config.seed)
         pairs.append(entry)
-    if not audited:
+    if not audited and not spectra:
         raise InputError("no pair of checkpoints was within the loss tolerance: nothing was compared "
                          f"({'; '.join(p['refused'] for p in pairs)})")
     direction = "B/A" if compare.reference == "a" else "A/B"

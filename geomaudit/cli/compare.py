@@ -27,6 +27,9 @@ def compare(
     loss_from: Annotated[str, typer.Option(help="audit: the loss recomputed on the audit batch (exact, the same "
                                            "batch for both runs); trainer_state: the logged training loss.")]
     = "audit",
+    rank: Annotated[int | None, typer.Option(help="With --metric r_u|r_v: the rank k of every weight (default: "
+                                             "the effective rank at --energy).")] = None,
+    energy: Annotated[float, typer.Option(help="With --metric r_u|r_v: the share of Σσ² that fixes k.")] = 0.9,
     fail_if_ratio_below: Annotated[float | None, typer.Option(help="Exit 1 when a pair's geometric-mean ratio "
                                                               "is below this (a CI gate).")] = None,
     data: o.Data = None,
@@ -65,7 +68,7 @@ def compare(
         check_json_target(json_path)
         config = o.audit_config(run_a, locals(), loss_from)
         spec = CompareConfig((run_a, *(more_a or [])), (run_b, *(more_b or [])), match_loss, tolerance,
-                             o.parse_numbers(levels, "--levels", float), reference, metric.value)
+                             o.parse_numbers(levels, "--levels", float), reference, metric.value, rank, energy)
         with progress_bars() as progress:
             document = run_compare(config, spec, progress)
         emit(document, json_path, compare_tables)

@@ -28,6 +28,8 @@ class Metric(str, Enum):
     s_med = "s_med"
     r_diag_mean = "r_diag_mean"
     r_diag_median = "r_diag_median"
+    r_u = "r_u"
+    r_v = "r_v"
 
 
 Data = Annotated[str | None, typer.Option("--data", "-d", help=".jsonl/.csv/.txt text or pre-tokenized "
@@ -59,7 +61,8 @@ CacheDir = Annotated[str | None, typer.Option(help="Where finished work is kept 
                      "else ~/.cache/geomaudit).")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the result cache.")]
 MetricOpt = Annotated[Metric, typer.Option("--metric", help="Statistic the thresholds and ratios use "
-                      "(r_med_stab: footnote 8, as in the paper's tables; s_med and r_diag_* need --smed).")]
+                      "(r_med_stab: footnote 8, as in the paper's tables; s_med and r_diag_* need --smed; "
+                      "r_u and r_v compare the low-rank weights of `geomaudit svd`).")]
 Smed = Annotated[bool, typer.Option("--smed", help="Also S_med (App. A.9) and r_diag (App. F) from the same "
                  "Hessian columns.")]
 Slq = Annotated[bool, typer.Option("--slq", help="With --smed: S_med of layers above --dense-max from a stochastic "

@@ -84,9 +84,12 @@ def compare_tables(document: dict) -> list[Table]:
                         ("95% bootstrap CI", lambda s: f"{_fmt(s['ci_low'])}–{_fmt(s['ci_high'])}"),
                         ("sign test p", lambda s: _fmt(s["sign_p"], ".2g"))):
         table.add_row(label, *[c for s in summaries for c in ("", "", cell(s) if s["n_layers"] else "")])
-    refused = [f"{p['label']}: {p['refused']}" for p in spec["pairs"] if p["refused"]]
-    if refused:
-        table.caption = "refused: " + "; ".join(refused)
+    notes = [f"refused {p['label']}: {p['refused']}" for p in spec["pairs"] if p["refused"]]
+    if pairs and not names:
+        notes.append("no layer to compare" + (": r_u and r_v compare only weights that are approximately low rank "
+                                              "in every run (see geomaudit svd)" if metric in ("r_u", "r_v") else ""))
+    if notes:
+        table.caption = "; ".join(notes)
     return [table]
 
 

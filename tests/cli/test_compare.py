@@ -115,7 +115,7 @@ def test_match_loss_pairs_within_tolerance_and_refuses_beyond(loss_runs):
     assert "no common loss near 9" in given[1]["refused"] and "beyond the tolerance" in given[1]["refused"]
     assert given[1]["layers"] == [] and given[1]["summary"] is None
     table = run("compare", a, b, "--match-loss", "--levels", f"{pairs[1]['level']},9.0", *FAST).stdout
-    assert "no common loss near 9" in table
+    assert "refused loss 9.000: no common loss near 9" in table
     none = run("compare", a, b, "--match-loss", "--tolerance", "1e-9", *FAST, code=3)
     assert "nothing was compared" in none.stderr
 
@@ -245,3 +245,25 @@ def test_r_diag_across_layers_on_the_command_line(trainer_runs):
     joint = [la for la in document["checkpoints"][0]["layers"] if la["name"] in across["layers"]]
     assert all(la["stats"]["r_diag_across_mean"] >= la["stats"]["r_diag_mean"] for la in joint)
     assert "r_diag across transformer.h.1.mlp.c_fc.weight" in run(*args).stdout
+
+
+def test_compare_r_u_of_low_rank_weights_matches_geomaudit_svd(trainer_runs):
+    parent = trainer_runs["adam-0"].parent
+    args = ["--steps", "6", "--layers", "transformer.h.*.weight", "--rank", "1"]
+    pair = report("compare", str(parent / "adam-*"), str(parent / "sgd-*"), *args, "--batch-size", "4",
+                  "--metric", "r_u")["compare"]["pairs"][0]
+    r_u = {}
+    for run_dir in sorted(parent.glob("*-[01]")):
+        svd = report("svd", str(run_dir), *args)["svd"]["checkpoints"][0]["layers"]
+        r_u[run_dir.name] = {la["name"]: la["r_u"] for la in svd}
+    assert len(pair["layers"]) == 8
+    for row in pair["layers"]:
+        a = [r_u[f"adam-{s}"][row["name"]] for s in (0, 1)]
+        b = [r_u[f"sgd-{s}"][row["name"]] for s in (0, 1)]
+        assert row["a_mean"] == pytest.approx(np.mean(a)) and row["b_mean"] == pytest.approx(np.mean(b))
+    # with k = 2 no 16-wide weight is low rank (k <= max(1, 10% of 16)): nothing is compared, as the table says
+    table = run("compare", str(parent / "adam-0"), str(parent / "sgd-0"), "--steps", "6", "--rank", "2",
+                "--metric", "r_u", "--batch-size", "4").stdout
+    assert "no layer to compare" in table
+    gate = run("rmed", str(parent / "adam-0"), *FAST, "--steps", "6", "--metric", "r_u", "--fail-above", "2", code=2)
+    assert "--metric r_u is not among this audit's statistics" in gate.stderr
