@@ -21,6 +21,8 @@ _EXPORTS = {
     "build_batch": "io.data", "AuditBatch": "io.data", "discover": "io.trajectory",
     # from settings to report
     "AuditConfig": "pipeline", "run_rmed": "pipeline", "CompareConfig": "pipeline", "run_compare": "pipeline",
+    # auditing during training
+    "GeometryCallback": "integrations.trainer",
     # errors and their exit codes
     "GeomauditError": "errors", "UsageError": "errors", "InputError": "errors", "ThresholdFailed": "errors",
 }

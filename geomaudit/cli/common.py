@@ -30,6 +30,8 @@ def _root(ctx: typer.Context,
 @contextmanager
 def handle_errors(ctx: typer.Context):
     """Known errors become one sentence on stderr and their exit code; anything else is a bug (exit 4)."""
+    from rich.markup import escape
+
     from ..errors import GeomauditError
 
     debug = bool(ctx.obj and ctx.obj.get("debug"))
@@ -38,7 +40,7 @@ def handle_errors(ctx: typer.Context):
     except GeomauditError as err:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -46,7 +48,8 @@ def handle_errors(ctx: typer.Context):
     except Exception as err:  # a bug: say so, keep the traceback behind --debug
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]internal error:[/] {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+        stderr.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))} "
+                     "(rerun with --debug for the traceback)",
                      highlight=False, soft_wrap=True)
         raise typer.Exit(INTERNAL_ERROR) from None
 
@@ -69,7 +72,7 @@ def emit(document: dict, json_path: str | None, render: Callable[[dict], list]) 
         sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
     elif json_path:
         write_json(document, json_path)
-        stderr.print(f"wrote {json_path}")
+        stderr.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
     else:
         console = Console() if sys.stdout.isatty() else Console(width=200)
         for table in render(document):
@@ -94,8 +97,8 @@ class progress_bars:
             self.bar.update(self.layers, total=count, completed=position - 1)
             self.bar.reset(self.coords, total=work, description=f"  {name}", visible=True)
 
-        return Callbacks(on_status=lambda msg: stderr.print(msg, highlight=False, soft_wrap=True), on_layer=on_layer,
-                         on_chunk=lambda n: self.bar.advance(self.coords, n))
+        return Callbacks(on_status=lambda msg: stderr.print(msg, markup=False, highlight=False, soft_wrap=True),
+                         on_layer=on_layer, on_chunk=lambda n: self.bar.advance(self.coords, n))
 
     def __exit__(self, *exc):
         self.bar.stop()

@@ -21,8 +21,10 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -65,15 +67,24 @@ def report_document(command: str, settings: dict, model: dict, data: dict,
     }
 
 
-def write_json(document: dict, path: str | os.PathLike) -> None:
-    """Write ``document`` to ``path`` atomically: a temporary file in the same folder, then a rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically: ``write`` fills a temporary file in the same folder, which is then renamed, so a
+    failure leaves no partial file. The file gets the usual permissions (0666 less the umask)."""
     target = Path(path)
-    text = json.dumps(document, indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(document: dict, path: str | os.PathLike) -> None:
+    """Write ``document`` to ``path`` atomically (``atomic_write``); it is serialised before the file is opened."""
+    data = (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))

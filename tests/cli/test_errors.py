@@ -280,3 +280,19 @@ def test_non_finite_hessian_is_an_input_error():
 
     with pytest.raises(InputError, match="Hessian diagonal of w holds non-finite values"):
         audit_checkpoint(model, loss, [MicroBatch({}, 1.0)], ["w"], coords=2, seed=0)
+
+
+def test_error_messages_keep_brackets(tmp_path):
+    """Paths are printed as they are, not read as rich markup."""
+    fail(["rmed", str(tmp_path / "run[bold]")], 3, "run[bold] does not exist")
+
+
+def test_reports_get_the_usual_file_permissions(tmp_path):
+    import os
+
+    from geomaudit.report.document import write_json
+
+    write_json({"a": 1}, tmp_path / "r.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,0 +1,125 @@
+"""``geomaudit report``: saved reports of every command printed again, drawn to PNG, and refused when they are not
+geomaudit reports."""
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from geomaudit.cli import app
+
+runner = CliRunner()
+FAST = ["--coords", "8", "--layers", "transformer.h.1.mlp.*", "--batch-size", "4"]
+PNG = b"\x89PNG\r\n\x1a\n"
+WIDE, TALL = (480, 1200), (960, 1200)  # pixels of a 10×4 and a 10×8 inch figure at 120 dpi
+
+
+def run(*args: str, code: int = 0):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def reports(trainer_runs, tiny_gpt2_dir, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """A real report of each kind and the tables its command printed: ``{kind: (json path, stdout)}``.
+
+    The loss curves of ``trainer_runs`` do not overlap, so --match-loss gets Adam saved every step for 6 steps
+    and SGD+M every 2 steps for 16.
+    """
+    from tests.trainer_runs import train_run
+
+    folder = tmp_path_factory.mktemp("reports")
+    cache = ["--cache-dir", str(folder / "cache")]
+    adam = train_run(folder / "adam", "adam", 0, tiny_gpt2_dir, steps=6, save_every=1)
+    sgd = train_run(folder / "sgd", "sgd", 0, tiny_gpt2_dir, steps=16, save_every=2)
+    commands = {"rmed-run": ["rmed", str(trainer_runs["adam-0"]), *FAST, *cache],
+                "rmed-checkpoint": ["rmed", str(trainer_runs["adam-0"] / "checkpoint-6"), *FAST, *cache],
+                "compare": ["compare", str(adam), str(sgd), "--match-loss", *FAST, *cache],
+                "svd": ["svd", str(trainer_runs["sgd-0"]), "--steps", "6"]}
+    saved = {}
+    for kind, args in commands.items():
+        path = str(folder / f"{kind}.json")
+        printed = run(*args).stdout
+        run(*args, "--json", path)
+        saved[kind] = (path, printed)
+    return saved
+
+
+@pytest.mark.parametrize("kind", ["rmed-run", "rmed-checkpoint", "compare", "svd"])
+def test_report_prints_the_tables_of_the_command_that_saved_it(reports, kind):
+    path, printed = reports[kind]
+    assert "layer" in printed
+    assert run("report", path).stdout == printed
+
+
+@pytest.mark.parametrize("kind, pixels", [("rmed-run", WIDE), ("rmed-checkpoint", WIDE), ("compare", TALL),
+                                          ("svd", WIDE)])
+def test_plot_writes_a_png_of_the_expected_size(reports, kind, pixels, tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    out = tmp_path / f"{kind}.png"
+    result = run("report", reports[kind][0], "--plot", str(out))
+    assert f"wrote {out}" in result.stderr and result.stdout == ""
+    data = out.read_bytes()
+    assert data.startswith(PNG) and len(data) > 10_000
+    pixels_read = image.imread(out)
+    assert pixels_read.shape[:2] == pixels and pixels_read.std() > 0
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary file was renamed, nothing left
+
+
+def test_plot_metric_is_a_statistic_of_an_rmed_report(reports, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "r.png")
+    run("report", reports["rmed-run"][0], "--plot", out, "--metric", "r_topk")
+    assert "audit with --smed" in run("report", reports["rmed-run"][0], "--plot", out, "--metric", "s_med",
+                                      code=2).stderr
+    assert "compared r_med_stab" in run("report", reports["compare"][0], "--plot", out, "--metric", "r_med",
+                                        code=2).stderr
+    assert "plots its spectra" in run("report", reports["svd"][0], "--plot", out, "--metric", "r_u", code=2).stderr
+
+
+def test_plot_of_a_compare_without_comparable_layers(reports, tmp_path):
+    """A pair with no layer (r_u over weights none of which is low rank) or with no defined ratio still plots."""
+    image = pytest.importorskip("matplotlib.image")
+    document = json.loads(open(reports["compare"][0]).read())
+    first, second = document["compare"]["pairs"][:2]
+    first["layers"], first["summary"]["n_layers"] = [], 0
+    for row in second["layers"]:
+        row["a_mean"] = row["ratio"] = None
+    second["summary"] = dict.fromkeys(second["summary"], None) | {"n_layers": 0}
+    path, out = tmp_path / "c.json", tmp_path / "c.png"
+    path.write_text(json.dumps(document))
+    run("report", str(path), "--plot", str(out))
+    assert image.imread(out).shape[:2] == TALL
+
+
+def test_plot_without_matplotlib_names_the_extra(reports, tmp_path, monkeypatch):
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
+    out = tmp_path / "r.png"
+    result = run("report", reports["svd"][0], "--plot", str(out), code=2)
+    assert "pip install 'geomaudit[plot]'" in result.stderr and not out.exists()
+
+
+def test_plot_into_a_missing_folder_is_a_usage_error(reports, tmp_path):
+    result = run("report", reports["svd"][0], "--plot", str(tmp_path / "nowhere" / "r.png"), code=2)
+    assert "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("content, phrase", [
+    (None, "no such file"),
+    ("{not json", "is not a JSON report"),
+    ("[1, 2]", "is not a geomaudit report"),
+    ('{"schema": "lm-eval/1", "results": {}}', "is not a geomaudit report"),
+    ('{"schema": "geomaudit.report/2", "command": "rmed", "checkpoints": [{}]}', "from a newer geomaudit"),
+    ('{"schema": "geomaudit.report/1", "command": "rmed", "checkpoints": []}', "holds no results"),
+])
+def test_a_file_that_is_not_a_readable_report_is_an_input_error(tmp_path, content, phrase):
+    path = tmp_path / "result.json"
+    if content is not None:
+        path.write_text(content)
+    result = run("report", str(path), code=3)
+    assert phrase in result.stderr and result.stderr.count("\n") == 1
+
