@@ -1,5 +1,6 @@
 """``geomaudit demo``: the paper's experiment end to end on this machine (SPEC §5)."""
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -51,7 +52,11 @@ def run_demo(folder: Path, steps: int, device: str, seed: int, text: str | None,
     from ..runtime import resolve_device
     from .svd import run_svd, svd_settings
 
-    config = DemoConfig(steps=steps, save_every=max(1, steps // 3), seed=seed)
+    config = DemoConfig(steps=steps, save_every=max(1, steps // 10), seed=seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     where = resolve_device(device)
     folder.mkdir(parents=True, exist_ok=True)
     stderr.print(f"training a byte-level BPE ({config.vocab} tokens) on {text or 'the Python reference manual'}")
@@ -73,18 +78,22 @@ def run_demo(folder: Path, steps: int, device: str, seed: int, text: str | None,
             logs[name] = train_run(init, folder / name, name, blocks, tokenizer, config, where,
                                    on_step=lambda step, loss: progress.on_chunk(1))
     reports = {}
+    # every checkpoint's loss is cheap, its audit is not: equal steps at a third, two thirds and the end;
+    # matched losses over all checkpoints (only the matched ones are audited)
+    saved = list(range(config.save_every, config.steps + 1, config.save_every))
+    thirds = tuple(sorted({saved[round(f * (len(saved) - 1))] for f in (1 / 3, 2 / 3, 1)}))
     audit = AuditConfig(str(folder / "adam"), str(folder / "audit-batch.safetensors"), coords=coords,
                         batch_size=config.batch_size, seed=seed, device=device, cache_dir=str(folder / "cache"))
+    at_thirds = replace(audit, steps=thirds)
     runs = ((str(folder / "adam"),), (str(folder / "sgd"),))
     with progress_bars() as progress:
-        reports["compare-steps"] = run_compare(audit, CompareConfig(*runs), progress)
+        reports["compare-steps"] = run_compare(at_thirds, CompareConfig(*runs), progress)
         try:
             reports["compare-loss"] = run_compare(audit, CompareConfig(*runs, match_loss=True), progress)
         except InputError as err:
             stderr.print(f"no same-loss comparison: {err}", markup=False, highlight=False, soft_wrap=True)
         for name in ("adam", "sgd"):
-            rmed = AuditConfig(**{**audit.__dict__, "checkpoint": str(folder / name)})
-            reports[f"rmed-{name}"] = run_rmed(rmed, progress)
+            reports[f"rmed-{name}"] = run_rmed(replace(at_thirds, checkpoint=str(folder / name)), progress)
             reports[f"svd-{name}"] = run_svd(str(folder / name), svd_settings([], None, None, None, None, None),
                                              False, progress)
     for name, document in reports.items():

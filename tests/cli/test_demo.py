@@ -13,25 +13,27 @@ runner = CliRunner()
 
 def test_demo_trains_both_runs_audits_and_compares(tmp_path):
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--steps", "9", "--coords", "4"])
+    result = runner.invoke(app, ["demo", "--out", str(out), "--steps", "10", "--coords", "4"])
     assert result.exit_code == 0, result.output
     for run in ("adam", "sgd"):
-        assert sorted(p.name for p in (out / run).glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6",
-                                                                           "checkpoint-9"]
-        assert (out / run / "checkpoint-9" / "optimizer.pt").is_file()
+        assert sorted(int(p.name.split("-")[1]) for p in (out / run).glob("checkpoint-*")) == list(range(1, 11))
+        assert (out / run / "checkpoint-10" / "optimizer.pt").is_file()
         log = json.loads((out / run / "trainer_state.json").read_text())["log_history"]
-        assert [e["step"] for e in log] == list(range(1, 10))
+        assert [e["step"] for e in log] == list(range(1, 11))
     for name in ("compare-steps", "rmed-adam", "rmed-sgd", "svd-adam", "svd-sgd"):
         jsonschema.validate(json.loads((out / f"{name}.json").read_text()), schema())
     steps = json.loads((out / "compare-steps.json").read_text())
-    assert [p["step"] for p in steps["compare"]["pairs"]] == [3, 6, 9]
+    assert [p["step"] for p in steps["compare"]["pairs"]] == [4, 7, 10]  # a third, two thirds, the end
     assert steps["compare"]["runs"] == {"a": [str(out / "adam")], "b": [str(out / "sgd")]}
     last = steps["compare"]["pairs"][-1]["summary"]
     smaller = round(last["frac_above_1"] * last["n_layers"])
-    assert f"at step 9: Adam's R_med is smaller on {smaller} of {last['n_layers']} layers" in result.stdout
+    assert f"at step 10: Adam's R_med is smaller on {smaller} of {last['n_layers']} layers" in result.stdout
     assert "final training loss: Adam" in result.stdout and "plots: " in result.stdout
+    matched = json.loads((out / "compare-loss.json").read_text())
+    jsonschema.validate(matched, schema())
+    assert matched["compare"]["mode"] == "loss" and "at matched loss" in result.stdout
     assert (out / "compare-steps.png").stat().st_size > 10_000
-    again = runner.invoke(app, ["demo", "--out", str(out), "--steps", "9"])
+    again = runner.invoke(app, ["demo", "--out", str(out), "--steps", "10"])
     assert again.exit_code == 2 and "is not empty" in again.stderr
 
 
