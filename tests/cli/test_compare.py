@@ -8,27 +8,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from geomaudit.cli import app
-from geomaudit.report.document import schema
+from .invoke import report, run
 
-runner = CliRunner()
 FAST = ["--coords", "8", "--layers", "transformer.h.1.mlp.*", "--batch-size", "8"]
-
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, result.output
-    return result
-
-
-def report(*args: str) -> dict:
-    import jsonschema
-
-    document = json.loads(run(*args, "--json", "-").stdout)
-    jsonschema.validate(document, schema())
-    return document
 
 
 def stats_by_checkpoint(document: dict, metric: str = "r_med_stab") -> dict:

@@ -5,21 +5,12 @@ import json
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from geomaudit.cli import app
+from .invoke import run
 
-runner = CliRunner()
 FAST = ["--coords", "8", "--layers", "transformer.h.1.mlp.*", "--batch-size", "4"]
 PNG = b"\x89PNG\r\n\x1a\n"
 WIDE, TALL = (480, 1200), (960, 1200)  # pixels of a 10×4 and a 10×8 inch figure at 120 dpi
-
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,16 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from geomaudit.cli import app
 from geomaudit.engine.stats import diagonal_stats
 from geomaudit.report.document import schema
 
-runner = CliRunner()
+from .invoke import report, runner
 
 
 def rmed_json(*args: str) -> dict:
-    result = runner.invoke(app, ["rmed", *args, "--json", "-"])
-    assert result.exit_code == 0, result.output
-    document = json.loads(result.stdout)
-    jsonschema.validate(document, schema())
-    return document
+    return report("rmed", *args)
 
 
 def test_table_lists_every_selected_layer(tiny_bert_dir, examples_jsonl):

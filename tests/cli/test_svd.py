@@ -7,22 +7,18 @@ import jsonschema
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from geomaudit.cli import app
 from geomaudit.engine.svd import spectrum_stats
 from geomaudit.report.document import schema
 
-runner = CliRunner()
+from .invoke import report, runner
+
 C_FC = "transformer.h.0.mlp.c_fc.weight"
 
 
 def svd_json(*args: str) -> dict:
-    result = runner.invoke(app, ["svd", *args, "--json", "-"])
-    assert result.exit_code == 0, result.output
-    document = json.loads(result.stdout)
-    jsonschema.validate(document, schema())
-    return document
+    return report("svd", *args)
 
 
 def fail(args: list[str], code: int, phrase: str) -> None:
