@@ -113,11 +113,10 @@ def _summary(reports: dict, logs: dict) -> list[str]:
     lines = [f"final training loss: Adam {logs['adam'][-1]['loss']:.3f}, SGD+M {logs['sgd'][-1]['loss']:.3f}"]
     for name, what in (("compare-steps", "at step"), ("compare-loss", "at matched loss")):
         for pair in reports.get(name, {}).get("compare", {}).get("pairs", []):
-            s = pair["summary"]
+            s, where = pair["summary"], pair["label"].split(" ", 1)[1]
             if pair["refused"] or not s or not s["n_layers"]:
-                lines.append(f"{what} {pair['label']}: not compared ({pair['refused'] or 'no layer'})")
+                lines.append(f"{what} {where}: not compared ({pair['refused'] or 'no layer'})")
                 continue
-            where = pair["label"].split(" ", 1)[1]
             smaller = round(s["frac_above_1"] * s["n_layers"])
             lines.append(f"{what} {where}: Adam's R_med is smaller on {smaller} of {s['n_layers']} layers; "
                          f"geometric-mean R_SGDM/R_Adam {s['geo_mean']:.2f} (95% CI {s['ci_low']:.2f}–"

@@ -44,3 +44,18 @@ def test_demo_errors(tmp_path):
     (tmp_path / "short.txt").write_text("too short to train on\n")
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "e"), "--text", str(tmp_path / "short.txt")])
     assert result.exit_code == 3 and "too short to train on" in result.stderr
+
+
+def test_summary_sentences():
+    from geomaudit.cli.demo import _summary
+
+    pair = {"label": "step 300", "refused": None,
+            "summary": {"n_layers": 28, "frac_above_1": 0.75, "geo_mean": 1.5, "ci_low": 1.1, "ci_high": 2.0,
+                        "sign_p": 0.01}}
+    reports = {"compare-steps": {"compare": {"pairs": [pair]}},
+               "compare-loss": {"compare": {"pairs": [{"label": "loss 5.386", "refused": "too far", "summary": None}]}}}
+    lines = _summary(reports, {"adam": [{"loss": 4.5}], "sgd": [{"loss": 4.75}]})
+    assert lines == ["final training loss: Adam 4.500, SGD+M 4.750",
+                     "at step 300: Adam's R_med is smaller on 21 of 28 layers; geometric-mean R_SGDM/R_Adam 1.50 "
+                     "(95% CI 1.10–2.00), sign test p = 0.01",
+                     "at matched loss 5.386: not compared (too far)"]
