@@ -11,7 +11,7 @@ from .engine.audit import audit_checkpoint, audit_gradient, audit_loss, select_l
 from .engine.stats import alignment_stats
 from .errors import InputError, UsageError
 from .io.checkpoints import LoadedModel, load_checkpoint
-from .io.data import AuditBatch, TextRecords, build_batch, embedded_corpus, read_records
+from .io.data import AuditBatch, TextRecords, build_batch, embedded_corpus, has_labels, read_records
 from .io.optimizer import adam_state, adaptive_step
 from .io.trajectory import CheckpointRef, discover, expand_runs
 from .report.document import report_document
@@ -104,10 +104,9 @@ class Auditor:
         if self._loaded and self._loaded[0] == path:
             return self._loaded[1], self._loaded[2]
         c, records = self.config, self.records
-        has_labels = (isinstance(records, TextRecords) and records.labels is not None) or (
-            isinstance(records, dict) and "labels" in records)
         self.progress.status(f"loading {path}")
-        loaded = load_checkpoint(path, task=c.task, has_labels=has_labels, num_labels=_label_count(records),
+        labelled = records is not None and has_labels(records)
+        loaded = load_checkpoint(path, task=c.task, has_labels=labelled, num_labels=_label_count(records),
                                  factory=c.model, loss=c.loss, allow_pickle=c.allow_pickle, seed=c.seed)
         if self.batch is None:
             source = c.data
@@ -178,8 +177,8 @@ class Auditor:
         return tuple(aligned)
 
     def document(self, command: str, checkpoints: list[CheckpointResult], extra: dict) -> dict:
-        micro = self._loaded[2]
-        data = self.batch.describe() | {"loss_items": sum(self._loaded[1].loss_items(mb.tensors) for mb in micro)}
+        _, loaded, micro = self._loaded
+        data = self.batch.describe(loaded, micro)
         return report_document(command, self.config.settings(), self.model_info, data, checkpoints,
                                self.device, self.dtype) | extra
 

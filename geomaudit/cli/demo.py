@@ -33,7 +33,9 @@ def demo(
         if text and not Path(text).is_file():
             raise InputError(f"--text {text} does not exist")
         summary = run_demo(folder, steps, device, seed, text, coords)
-        console = __import__("rich.console", fromlist=["Console"]).Console()
+        from rich.console import Console
+
+        console = Console()
         for table in summary.pop("tables"):
             console.print(table)
         for line in summary["lines"]:

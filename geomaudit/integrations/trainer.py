@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from ..engine.audit import audit_checkpoint, select_layers
 from ..errors import UsageError
 from ..io.checkpoints import LoadedModel, infer_task, task_loss
-from ..io.data import build_batch, embedded_corpus, read_records
+from ..io.data import build_batch, embedded_corpus, has_labels, read_records
 from ..pipeline import EMBEDDED_SOURCE, AuditConfig
 from ..report.document import report_document, write_json
 from ..results import CheckpointResult
@@ -76,8 +76,7 @@ class GeometryCallback(TrainerCallback):
             records, source = embedded_corpus(), EMBEDDED_SOURCE
         else:
             records = dict(records)
-        has_labels = "labels" in records if isinstance(records, dict) else records.labels is not None
-        task = infer_task(type(model).__name__, has_labels)
+        task = infer_task(type(model).__name__, has_labels(records))
         loaded = LoadedModel(model, task_loss(task), task, "", "huggingface", tokenizer)
         c = self.config
         batch = build_batch(records, loaded, batch_size=c.batch_size, max_length=c.max_length, seed=c.seed,
@@ -110,7 +109,7 @@ class GeometryCallback(TrainerCallback):
         if output_dir:
             param = _first_float(model)
             settings = c.settings() | {"precision": "fp64" if param.dtype == torch.float64 else "fp32"}
-            data = batch.describe() | {"loss_items": sum(loaded.loss_items(mb.tensors) for mb in micro)}
+            data = batch.describe(loaded, micro)
             document = report_document("rmed", settings, loaded.describe() | {"path": str(output_dir)}, data,
                                        [result], param.device, param.dtype)
             os.makedirs(output_dir, exist_ok=True)

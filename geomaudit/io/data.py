@@ -57,9 +57,11 @@ class AuditBatch:
             raise InputError(f"the data from {self.source} leaves no token or example for the loss")
         return [MicroBatch(p, c / total) for p, c in zip(pieces, counts) if c]
 
-    def describe(self) -> dict:
+    def describe(self, loaded: LoadedModel, micro_batches: list[MicroBatch]) -> dict:
+        """The report's ``data`` section; ``loss_items`` counts what the audited micro-batches average over."""
         shapes = {k: list(v.shape) for k, v in self.tensors.items()}
-        return {"source": self.source, "fingerprint": self.fingerprint, "examples": self.examples, "shapes": shapes}
+        return {"source": self.source, "fingerprint": self.fingerprint, "examples": self.examples, "shapes": shapes,
+                "loss_items": sum(loaded.loss_items(mb.tensors) for mb in micro_batches)}
 
 
 def _to(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -74,6 +76,11 @@ def fingerprint(tensors: Mapping[str, Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
+
+
+def has_labels(records: TextRecords | dict[str, Tensor]) -> bool:
+    """Whether raw examples carry labels: a ``label`` on every text record, or a ``labels`` tensor."""
+    return "labels" in records if isinstance(records, dict) else records.labels is not None
 
 
 def read_records(path: Path) -> TextRecords | dict[str, Tensor]:
