@@ -186,7 +186,7 @@ class DiagonalEngine:
                 cols = torch.autograd.grad(flat_grad, params, grad_outputs=tangents, retain_graph=True,
                                            is_grads_batched=True, allow_unused=True)
                 pieces = [_zeros_if_none(c, len(sel), p).reshape(len(sel), -1) for c, p in zip(cols, params)]
-                return torch.cat(pieces, 1)
+                return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)  # one tensor: no copy
             except RuntimeError as err:
                 if isinstance(err, torch.OutOfMemoryError):
                     raise
