@@ -97,3 +97,13 @@ def trainer_runs(tiny_gpt2_dir, tmp_path_factory) -> dict[str, Path]:
     parent = tmp_path_factory.mktemp("trainer") / "runs"
     return {f"{opt}-{seed}": train_run(parent / f"{opt}-{seed}", opt, seed, tiny_gpt2_dir)
             for opt in ("adam", "sgd") for seed in (0, 1)}
+
+
+@pytest.fixture(scope="session")
+def loss_runs(tiny_gpt2_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Adam saved every step for 6 steps; SGD+M every 2 steps for 16, so that the loss curves overlap."""
+    from .trainer_runs import train_run
+
+    parent = tmp_path_factory.mktemp("loss-runs")
+    return (train_run(parent / "adam", "adam", 0, tiny_gpt2_dir, steps=6, save_every=1),
+            train_run(parent / "sgd", "sgd", 0, tiny_gpt2_dir, steps=16, save_every=2))

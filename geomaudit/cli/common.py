@@ -4,6 +4,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,18 @@ INTERNAL_ERROR = 4
 JsonOption = Annotated[str | None, typer.Option("--json", metavar="PATH|-",
                                                 help="Write the versioned JSON report to PATH (or stdout with -) "
                                                      "instead of printing tables.")]
+
+
+class TableFormat(str, Enum):
+    table = "table"
+    md = "md"
+    csv = "csv"
+
+
+FormatOption = Annotated[TableFormat | None, typer.Option(
+    "--format", help="How tables are printed: table (laid out to the terminal, never cropped), md (Markdown) or "
+                     "csv (full precision). With --json PATH, prints them too.")]
+TableOption = Annotated[bool, typer.Option("--table", help="With --json PATH: print the tables to stdout too.")]
 
 
 @app.callback()
@@ -62,21 +75,38 @@ def check_json_target(path: str | None) -> None:
         raise UsageError(f"--json {path}: the folder {Path(path).parent} does not exist")
 
 
-def emit(document: dict, json_path: str | None, render: Callable[[dict], list]) -> None:
-    """The JSON document to a file or stdout, or the rendered tables to stdout."""
+def check_tables(json_path: str | None, format: str | None, table: bool) -> None:
+    """``--table`` and ``--format`` print to stdout, which ``--json -`` holds."""
+    from ..errors import UsageError
+
+    if json_path == "-" and (table or format):
+        raise UsageError(f"--json - writes the report to stdout, which cannot also hold "
+                         f"{'--format ' + format if format else 'the table'}: give --json a file")
+
+
+def emit(document: dict, json_path: str | None, render: Callable[[dict], list], format: str | None = None,
+         table: bool = False) -> None:
+    """The JSON document to a file or stdout; the tables to stdout without ``--json``, or with ``--json PATH``
+    when ``--table`` or ``--format`` asks for them too."""
     import json
 
     from ..report.document import write_json
 
     if json_path == "-":
         sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    elif json_path:
+        return
+    if json_path:
         write_json(document, json_path)
         stderr.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
-    else:
-        console = Console() if sys.stdout.isatty() else Console(width=200)
-        for table in render(document):
-            console.print(table)
+    if not json_path or table or format:
+        print_tables(render(document), format or "table")
+
+
+def print_tables(grids: list, format: str = "table") -> None:
+    """Tables to stdout, laid out to the terminal (or ``$COLUMNS``) without losing a value; or ``md``, ``csv``."""
+    from ..report.layout import terminal_width, write
+
+    write(grids, sys.stdout, format, terminal_width(sys.stdout))
 
 
 class progress_bars:

@@ -5,7 +5,8 @@ from typing import Annotated
 import typer
 
 from . import options as o
-from .common import JsonOption, app, check_json_target, emit, handle_errors, progress_bars
+from .common import (FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
+                     emit, handle_errors, progress_bars)
 
 
 @app.command()
@@ -37,6 +38,8 @@ def compare(
     layers: o.Layers = None,
     topk: o.TopK = 10,
     json_path: JsonOption = None,
+    format: FormatOption = None,
+    table: TableOption = False,
     batch_size: o.BatchSize = 32,
     micro_batch: o.MicroBatch = None,
     max_length: o.MaxLength = 128,
@@ -66,11 +69,12 @@ def compare(
         from ..report.tables import compare_tables
 
         check_json_target(json_path)
+        check_tables(json_path, format and format.value, table)
         config = o.audit_config(run_a, locals(), loss_from)
         spec = CompareConfig((run_a, *(more_a or [])), (run_b, *(more_b or [])), match_loss, tolerance,
                              o.parse_numbers(levels, "--levels", float), reference, metric.value, rank, energy)
         with progress_bars() as progress:
             document = run_compare(config, spec, progress)
-        emit(document, json_path, compare_tables)
+        emit(document, json_path, compare_tables, format and format.value, table)
         if fail_if_ratio_below is not None:
             gate(document, fail_if_ratio_below)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import app, handle_errors, progress_bars, stderr
+from .common import app, handle_errors, print_tables, progress_bars, stderr
 
 
 @app.command()
@@ -33,13 +33,9 @@ def demo(
         if text and not Path(text).is_file():
             raise InputError(f"--text {text} does not exist")
         summary = run_demo(folder, steps, device, seed, text, coords)
-        from rich.console import Console
-
-        console = Console()
-        for table in summary.pop("tables"):
-            console.print(table)
+        print_tables(summary.pop("tables"))
         for line in summary["lines"]:
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            print(line)
 
 
 def run_demo(folder: Path, steps: int, device: str, seed: int, text: str | None, coords: int) -> dict:

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from .common import app, emit, handle_errors, stderr
+from .common import FormatOption, app, emit, handle_errors, stderr
 from .options import Metric
 
 SCHEMA_PREFIX = "geomaudit.report/"
@@ -21,6 +21,7 @@ def report(
                                              "'geomaudit\\[plot]').")] = None,
     metric: Annotated[Metric | None, typer.Option("--metric", help="With --plot, for rmed reports: the statistic "
                                                   "drawn (default r_med_stab).")] = None,
+    format: FormatOption = None,
 ):
     """Print a saved report's tables again, or plot it: R_med per layer over steps, matched losses, spectra."""
     with handle_errors(ctx):
@@ -37,7 +38,7 @@ def report(
             stderr.print(f"wrote {plot}", markup=False, highlight=False, soft_wrap=True)
         else:
             render = svd_tables if "svd" in document else compare_tables if "compare" in document else rmed_tables
-            emit(document, None, render)
+            emit(document, None, render, format and format.value)
 
 
 def read_report(path: str) -> dict:

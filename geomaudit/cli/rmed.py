@@ -5,7 +5,8 @@ from typing import Annotated
 import typer
 
 from . import options as o
-from .common import JsonOption, app, check_json_target, emit, handle_errors, progress_bars, stderr
+from .common import (FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
+                     emit, handle_errors, progress_bars, stderr)
 
 
 @app.command()
@@ -18,6 +19,8 @@ def rmed(
     layers: o.Layers = None,
     topk: o.TopK = 10,
     json_path: JsonOption = None,
+    format: FormatOption = None,
+    table: TableOption = False,
     batch_size: o.BatchSize = 32,
     micro_batch: o.MicroBatch = None,
     max_length: o.MaxLength = 128,
@@ -45,6 +48,7 @@ def rmed(
     """Per-layer R_med, R_med_stab, R_topk and zero fraction of the exact Hessian diagonal."""
     with handle_errors(ctx):
         check_json_target(json_path)
+        check_tables(json_path, format and format.value, table)
         config = o.audit_config(checkpoint, locals())
         from ..gates import fail_above as gate
         from ..pipeline import run_rmed
@@ -55,6 +59,6 @@ def rmed(
         if document["model"]["initialised"]:
             stderr.print(f"note: {', '.join(document['model']['initialised'])} not in the checkpoint: "
                          f"initialised from --seed {seed}", highlight=False, soft_wrap=True)
-        emit(document, json_path, rmed_tables)
+        emit(document, json_path, rmed_tables, format and format.value, table)
         if fail_above is not None:
             gate(document, fail_above, metric.value)

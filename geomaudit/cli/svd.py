@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from . import options as o
-from .common import JsonOption, app, check_json_target, emit, handle_errors, progress_bars, stderr
+from .common import (FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
+                     emit, handle_errors, progress_bars, stderr)
 
 CONVENTION = "(out, in); GPT-2 Conv1D weights transposed"
 DEFAULT_ENERGY = 0.9
@@ -33,6 +34,8 @@ def svd(
     rank: Rank = None,
     energy: Energy = None,
     json_path: JsonOption = None,
+    format: FormatOption = None,
+    table: TableOption = False,
     steps: o.Steps = None,
     every: o.Every = None,
     model: o.Model = None,
@@ -41,6 +44,7 @@ def svd(
     """Singular spectrum, effective rank, low-rank flag, R_u and R_v per weight matrix (no data needed)."""
     with handle_errors(ctx):
         check_json_target(json_path)
+        check_tables(json_path, format and format.value, table)
         settings = svd_settings(layers or [], rank, energy, o.parse_numbers(steps, "--steps"), every, model)
         from ..report.tables import svd_tables
 
@@ -49,7 +53,7 @@ def svd(
         if document["model"]["initialised"]:
             stderr.print(f"note: {', '.join(document['model']['initialised'])} (added by transformers, not in the "
                          "checkpoint) left out", highlight=False, soft_wrap=True)
-        emit(document, json_path, svd_tables)
+        emit(document, json_path, svd_tables, format and format.value, table)
 
 
 def svd_settings(layers: list[str], rank: int | None, energy: float | None, steps: tuple[int, ...] | None,

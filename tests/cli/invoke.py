@@ -11,9 +11,10 @@ from geomaudit.report.document import schema
 runner = CliRunner()
 
 
-def run(*args: str, code: int = 0):
-    """``geomaudit ARGS``; its exit code must be ``code`` and nothing may print a traceback."""
-    result = runner.invoke(app, list(args))
+def run(*args: str, code: int = 0, env: dict[str, str] | None = None):
+    """``geomaudit ARGS`` (with ``env`` added to the environment); its exit code must be ``code`` and nothing may
+    print a traceback."""
+    result = runner.invoke(app, list(args), env=env)
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     return result

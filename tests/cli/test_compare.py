@@ -19,16 +19,6 @@ def stats_by_checkpoint(document: dict, metric: str = "r_med_stab") -> dict:
             for c in document["checkpoints"]}
 
 
-@pytest.fixture(scope="module")
-def loss_runs(tiny_gpt2_dir, tmp_path_factory):
-    """Adam saved every step for 6 steps; SGD+M every 2 steps for 16, so that the loss curves overlap."""
-    from tests.trainer_runs import train_run
-
-    parent = tmp_path_factory.mktemp("loss-runs")
-    return (train_run(parent / "adam", "adam", 0, tiny_gpt2_dir, steps=6, save_every=1),
-            train_run(parent / "sgd", "sgd", 0, tiny_gpt2_dir, steps=16, save_every=2))
-
-
 def test_rmed_on_a_run_audits_every_picked_checkpoint_on_one_batch(trainer_runs):
     adam = trainer_runs["adam-0"]
     document = report("rmed", str(adam), *FAST)

@@ -14,18 +14,14 @@ WIDE, TALL = (480, 1200), (960, 1200)  # pixels of a 10×4 and a 10×8 inch figu
 
 
 @pytest.fixture(scope="module")
-def reports(trainer_runs, tiny_gpt2_dir, tmp_path_factory) -> dict[str, tuple[str, str]]:
+def reports(trainer_runs, loss_runs, tmp_path_factory) -> dict[str, tuple[str, str]]:
     """A real report of each kind and the tables its command printed: ``{kind: (json path, stdout)}``.
 
-    The loss curves of ``trainer_runs`` do not overlap, so --match-loss gets Adam saved every step for 6 steps
-    and SGD+M every 2 steps for 16.
+    The loss curves of ``trainer_runs`` do not overlap, so --match-loss gets ``loss_runs``.
     """
-    from tests.trainer_runs import train_run
-
     folder = tmp_path_factory.mktemp("reports")
     cache = ["--cache-dir", str(folder / "cache")]
-    adam = train_run(folder / "adam", "adam", 0, tiny_gpt2_dir, steps=6, save_every=1)
-    sgd = train_run(folder / "sgd", "sgd", 0, tiny_gpt2_dir, steps=16, save_every=2)
+    adam, sgd = loss_runs
     commands = {"rmed-run": ["rmed", str(trainer_runs["adam-0"]), *FAST, *cache],
                 "rmed-checkpoint": ["rmed", str(trainer_runs["adam-0"] / "checkpoint-6"), *FAST, *cache],
                 "compare": ["compare", str(adam), str(sgd), "--match-loss", *FAST, *cache],
