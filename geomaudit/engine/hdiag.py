@@ -6,9 +6,14 @@ the mean over the whole batch), and a flat coordinate i of a parameter tensor θ
     H_ii = e_iᵀ (∇²_θ L) e_i = Σ_b w_b e_iᵀ (∇²_θ L_b) e_i.
 
 Per micro-batch the engine runs one forward and one ``create_graph`` backward with only θ requiring
-grad, then reuses that graph for every chunk of one-hot tangents: a chunk is one batched
-double-backward (``torch.autograd.grad(..., is_grads_batched=True)``, vmapped over the tangents).
-Chunks halve on out-of-memory; an op without a batching rule falls back to one tangent at a time.
+grad, then reuses that graph for every coordinate: one double-backward ``grad(g_i, θ)`` per coordinate
+(chunk 1, the CPU default: measured fastest there, ``benchmarks/bench_hdiag.py``), or one batched
+double-backward per chunk of one-hot tangents (``torch.autograd.grad(..., is_grads_batched=True)``, vmapped).
+
+Memory: a chunk's size is capped so that its intermediates stay within ``CHUNK_BUDGET_BYTES``, from the bytes
+one tangent's double-backward allocates (counted on the layer's first coordinate); the Hessian columns kept for
+``columns`` stay within ``COLUMN_BUDGET_BYTES``. Chunks halve on out-of-memory (CUDA's, and the CPU allocator's
+failure); an op without a batching rule falls back to one tangent at a time.
 """
 
 import warnings
@@ -19,14 +24,18 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..errors import UsageError
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
-MAX_CHUNK = {"cpu": 4, "cuda": 64}  # measured: on CPU larger chunks are memory-bound (benchmarks/)
-TANGENT_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
-COLUMN_BUDGET_BYTES = 2 << 30
+# measured on a 2-core CPU (benchmarks/bench_hdiag.py): batched chunks of 2-8 are 5-30% slower per coordinate than
+# one double-backward per coordinate on every layer; on CUDA 64 (not measured: no GPU was lent)
+DEFAULT_CHUNK = {"cpu": 1, "cuda": 64}
+CHUNK_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}  # what one chunk's double-backward may allocate
+COLUMN_BUDGET_BYTES = 2 << 30  # the Hessian columns and H[S, S] that ``columns`` holds
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,10 @@ def only_requires_grad(model: nn.Module, *params: nn.Parameter):
 class DiagonalEngine:
     """Computes H_ii for chosen coordinates of any parameter of ``model``.
 
-    ``chunk_size`` is the number of tangents per batched HVP; ``None`` picks the device's default,
-    capped so that one chunk of tangents and Hessian columns stays within a memory budget. A chunk
-    halved on out-of-memory stays halved for later layers, unless the layer's own size had capped it.
+    ``chunk_size`` is the number of tangents per batched HVP (1: one double-backward per coordinate, no vmap);
+    ``None`` picks the device's default (``DEFAULT_CHUNK``). A chunk above 1 is capped per layer so that its
+    double-backward allocates at most ``CHUNK_BUDGET_BYTES``, as counted on the layer's first coordinate. A chunk
+    halved on out-of-memory stays halved for later layers, unless the layer's own cost had capped it.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch],
@@ -65,13 +75,7 @@ class DiagonalEngine:
         self.model, self.loss_fn, self.micro_batches = model, loss_fn, list(micro_batches)
         self.chunk_size = chunk_size
         self.batched = True
-
-    def _chunk_for(self, param: Tensor) -> int:
-        kind = "cuda" if param.device.type == "cuda" else "cpu"
-        if self.chunk_size is None:
-            self.chunk_size = MAX_CHUNK[kind]
-        by_memory = TANGENT_BUDGET_BYTES[kind] // (4 * param.numel() * param.element_size())
-        return max(1, min(self.chunk_size, by_memory))
+        self.chunks: dict[str, int] = {}  # the chunk each layer ran with
 
     def diagonal(self, name: str, indices: Sequence[int] | Tensor,
                  on_chunk: Callable[[int], None] | None = None) -> Tensor:
@@ -86,9 +90,9 @@ class DiagonalEngine:
         """H_ii, the principal submatrix H[S, S] and the squared norms ‖H e_i‖² for the coordinates S.
 
         The columns come from the same HVPs as the diagonal, taken over the layer and the tensors named in
-        ``across`` together: ``sq_norms`` covers the layer's own rows, ``sq_norms_across`` all of them. With
-        several micro-batches the norms need the summed columns, so ``len(S) ×`` (their length) values are held
-        (a usage error past 2 GiB).
+        ``across`` together: ``sq_norms`` covers the layer's own rows, ``sq_norms_across`` all of them. H[S, S],
+        and with several micro-batches the summed columns (``len(S) ×`` their length), must fit in
+        ``COLUMN_BUDGET_BYTES`` (a usage error otherwise).
         """
         return self._accumulate(name, indices, on_chunk, keep_columns=True, across=across)
 
@@ -125,16 +129,19 @@ class DiagonalEngine:
         length = sum(p.numel() for p in wrt)
         idx = torch.as_tensor(indices, dtype=torch.long, device=param.device)
         zeros = partial(torch.zeros, dtype=param.dtype, device=param.device)
-        diag, block = zeros(len(idx)), zeros(len(idx), len(idx))
-        sq_norms, sq_across = zeros(len(idx)), zeros(len(idx))
-        summed = None
-        if keep_columns and len(self.micro_batches) > 1:
-            size = len(idx) * length * param.element_size()
-            if size > COLUMN_BUDGET_BYTES:
-                raise UsageError(f"the Hessian columns of {name} with several micro-batches need {size / 2**30:.1f} "
-                                 "GiB: use one micro-batch, fewer --coords, or fewer --layers")
-            summed = zeros(len(idx), length)
-        chunk = self._chunk_for(param)
+        diag, sq_norms, sq_across = zeros(len(idx)), zeros(len(idx)), zeros(len(idx))
+        block = summed = None
+        if keep_columns:
+            held = len(idx) ** 2 + (len(idx) * length if len(self.micro_batches) > 1 else 0)
+            if held * param.element_size() > COLUMN_BUDGET_BYTES:
+                raise UsageError(f"the Hessian columns of {name} need {held * param.element_size() / 2**30:.1f} GiB "
+                                 f"(over {COLUMN_BUDGET_BYTES / 2**30:g} GiB): use fewer --coords, one micro-batch, "
+                                 "or fewer --layers")
+            block = zeros(len(idx), len(idx))
+            summed = zeros(len(idx), length) if len(self.micro_batches) > 1 else None
+        if self.chunk_size is None:
+            self.chunk_size = DEFAULT_CHUNK["cuda" if param.device.type == "cuda" else "cpu"]
+        chunk = None  # set from the layer's first coordinate
         with only_requires_grad(self.model, *wrt):
             for mb in self.micro_batches:
                 loss = self.loss_fn(self.model, mb.tensors)
@@ -146,17 +153,21 @@ class DiagonalEngine:
                 flat = grad.reshape(-1)
                 start = 0
                 while start < len(idx):
-                    sel = idx[start:start + chunk]
+                    sel = idx[start:start + (chunk or 1)]
                     rows = slice(start, start + len(sel))
                     try:
-                        cols = self._columns_at(flat, wrt if keep_columns else [param], sel)
-                    except torch.OutOfMemoryError:
-                        if chunk == 1:
+                        if chunk is None:
+                            cols, chunk = self._first_column(flat, wrt if keep_columns else [param], sel)
+                        else:
+                            cols = self._columns_at(flat, wrt if keep_columns else [param], sel)
+                    except RuntimeError as err:
+                        if not out_of_memory(err) or chunk in (None, 1):
                             raise
-                        if chunk == self.chunk_size:  # not a cap for this layer's size alone: keep it for later layers
+                        if chunk == self.chunk_size:  # not a cap for this layer's cost alone: keep it for later layers
                             self.chunk_size = chunk // 2
                         chunk //= 2
-                        torch.cuda.empty_cache()
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
                         continue
                     w = mb.weight
                     diag[rows] += w * cols[torch.arange(len(sel)), sel]
@@ -172,14 +183,27 @@ class DiagonalEngine:
                     if on_chunk:
                         on_chunk(len(sel))
                 del grad, flat, loss
+        self.chunks[name] = chunk or 1
         if summed is not None:
             sq_norms, sq_across = (summed[:, :param.numel()] ** 2).sum(1), (summed ** 2).sum(1)
+        if block is None:
+            block = zeros(0, 0)
         return HessianColumns(diag, block, sq_norms, sq_across)
 
+    def _first_column(self, flat_grad: Tensor, params: Sequence[Tensor], sel: Tensor) -> tuple[Tensor, int]:
+        """The first coordinate's column, and the chunk the layer can afford: ``chunk_size`` capped by what that
+        column's double-backward allocated (counted by ``AllocationCounter``), so a chunk stays in budget."""
+        if self.chunk_size == 1:
+            return self._columns_at(flat_grad, params, sel), 1
+        with AllocationCounter() as counter:
+            cols = self._columns_at(flat_grad, params, sel)
+        budget = CHUNK_BUDGET_BYTES["cuda" if flat_grad.device.type == "cuda" else "cpu"]
+        return cols, max(1, min(self.chunk_size, budget // max(1, counter.bytes)))
+
     def _columns_at(self, flat_grad: Tensor, params: Sequence[Tensor], sel: Tensor) -> Tensor:
-        """The Hessian columns H e_i, i in ``sel``, over ``params`` (concatenated) as rows: one batched
-        double-backward through the retained graph."""
-        if self.batched:
+        """The Hessian columns H e_i, i in ``sel``, over ``params`` (concatenated) as rows: one double-backward
+        per coordinate through the retained graph for a single one (or without vmap), else one batched one."""
+        if self.batched and len(sel) > 1:
             tangents = torch.zeros(len(sel), flat_grad.numel(), dtype=flat_grad.dtype, device=flat_grad.device)
             tangents[torch.arange(len(sel), device=sel.device), sel] = 1
             try:
@@ -188,7 +212,7 @@ class DiagonalEngine:
                 pieces = [_zeros_if_none(c, len(sel), p).reshape(len(sel), -1) for c, p in zip(cols, params)]
                 return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)  # one tensor: no copy
             except RuntimeError as err:
-                if isinstance(err, torch.OutOfMemoryError):
+                if out_of_memory(err):
                     raise
                 warnings.warn(f"batched HVPs failed ({str(err).splitlines()[0]}); "
                               "falling back to one HVP per coordinate", RuntimeWarning, stacklevel=2)
@@ -197,7 +221,25 @@ class DiagonalEngine:
         for i in sel:
             cols = torch.autograd.grad(flat_grad[i], params, retain_graph=True, allow_unused=True)
             rows.append(torch.cat([_zeros_if_none(c, None, p).reshape(-1) for c, p in zip(cols, params)]))
-        return torch.stack(rows)
+        return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: CUDA's ``OutOfMemoryError`` or the CPU allocator's RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+class AllocationCounter(TorchDispatchMode):
+    """Counts the bytes of every tensor the operators under it return: an upper bound of the memory they need."""
+
+    def __enter__(self):
+        self.bytes = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, Tensor))
+        return out
 
 
 @dataclass(frozen=True)
