@@ -3,12 +3,14 @@
 A run is one training trajectory, a list of :class:`Point` (one per audited checkpoint). Side A and side B
 each hold one run per seed. Pairing is by equal step (the paper's Tables 1-2) or by equal training loss
 (Table 7: Adam at step t against SGD+M at the step t' with the same loss, which rules out "Adam merely got
-further"). Each layer then gets mean (std) over seeds per side and the ratio of the means, as in the paper.
+further"). Each layer then gets mean (std) over seeds per side and the ratio of the means; with *paired* runs
+(the paper's repeats: run i of A and run i of B share the initialisation and the batch order), also the mean
+(std) of the per-repeat ratios, as the paper's tables print them.
 """
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -115,7 +117,8 @@ def pair_by_loss(runs_a: Sequence[Sequence[Point]], runs_b: Sequence[Sequence[Po
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One layer of a pairing: mean (std, ddof=1; 0.0 for one run) over the runs of each side, ratio of means."""
+    """One layer of a pairing: mean (std, ddof=1; 0.0 for one run) over the runs of each side, ratio of means;
+    for paired runs, the per-repeat ratios and their mean (std)."""
 
     name: str
     a_mean: float
@@ -123,6 +126,9 @@ class LayerRow:
     b_mean: float
     b_std: float
     ratio: float  # mean of the other side / mean of the reference side
+    ratios: tuple[float, ...] | None = None  # paired runs: other / reference, one per repeat
+    ratio_mean: float | None = None
+    ratio_std: float | None = None
 
 
 def _mean_std(points: Sequence[Point], name: str) -> tuple[float, float]:
@@ -131,14 +137,23 @@ def _mean_std(points: Sequence[Point], name: str) -> tuple[float, float]:
         return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def layer_rows(pairing: Pairing, reference: str = "a") -> list[LayerRow]:
+def _ratio(num, den):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.float64(num) / np.float64(den)  # x/0 -> inf, 0/0 -> nan, as elsewhere
+
+
+def layer_rows(pairing: Pairing, reference: str = "a", paired: bool = False) -> list[LayerRow]:
     """Rows for the layers every point has, in the order of the first point of side A.
 
     ``reference="a"`` gives ratio = B/A (second run over first), ``"b"`` gives A/B. A layer whose mean is
-    not finite on either side (an undefined metric in some run) is dropped.
+    not finite on either side (an undefined metric in some run) is dropped. ``paired``: run i of A goes with
+    run i of B (both sides hold the same number of runs), and each row also gets the per-repeat ratios with
+    their mean (std, ddof=1; 0.0 for one repeat).
     """
     if reference not in ("a", "b"):
         raise ValueError(f"reference must be 'a' or 'b', got {reference!r}")
+    if paired and len(pairing.a) != len(pairing.b):
+        raise ValueError(f"paired runs need as many runs on each side, got {len(pairing.a)} and {len(pairing.b)}")
     points = (*pairing.a, *pairing.b)
     rows = []
     for name in pairing.a[0].values:
@@ -148,36 +163,86 @@ def layer_rows(pairing: Pairing, reference: str = "a") -> list[LayerRow]:
         if not (math.isfinite(am) and math.isfinite(bm)):
             continue
         num, den = (bm, am) if reference == "a" else (am, bm)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = float(np.float64(num) / np.float64(den))  # x/0 -> inf, 0/0 -> nan, as elsewhere
-        rows.append(LayerRow(name, am, asd, bm, bsd, ratio))
+        row = LayerRow(name, am, asd, bm, bsd, float(_ratio(num, den)))
+        if paired:
+            a, b = (np.array([p.values[name] for p in side], dtype=np.float64) for side in (pairing.a, pairing.b))
+            per = _ratio(b, a) if reference == "a" else _ratio(a, b)
+            with np.errstate(invalid="ignore"):
+                row = replace(row, ratios=tuple(map(float, per)), ratio_mean=float(per.mean()),
+                              ratio_std=float(per.std(ddof=1)) if per.size > 1 else 0.0)
+        rows.append(row)
     return rows
 
 
-def summarize(ratios: Sequence[float], seed: int = 0, n_boot: int = 2000, confidence: float = 0.95) -> dict:
-    """Summary of per-layer ratios; those not finite or <= 0 are dropped first.
+def summarize(ratios, seed: int = 0, n_boot: int = 2000, confidence: float = 0.95) -> dict:
+    """Summary of ratios, one per layer (one run per side) or a repeats × layers array (paired repeats).
 
-    - ``frac_above_1``: share of layers whose ratio exceeds 1;
-    - ``geo_mean``: exp(mean log ratio). Ratios are multiplicative (2 and 1/2 are opposite and equal
-      effects), so their centre is a geometric mean, which the arithmetic mean would bias upwards;
-    - ``ci_low``/``ci_high``: percentile bootstrap over layers of the geometric mean
-      (``numpy.random.default_rng(seed)``, ``n_boot`` resamples), so the same input gives the same interval;
-    - ``sign_p``: two-sided exact sign test of "ratio > 1" against "ratio < 1" (ties dropped). It assumes
-      nothing about the distribution of the ratios, only that layers are exchangeable.
+    Layers with a ratio that is not finite or <= 0 (in any repeat) are dropped first.
+
+    - ``frac_above_1``: share of layers whose ratio exceeds 1 (with repeats: the layer's geometric mean over
+      them);
+    - ``geo_mean``: exp(mean log ratio) over layers and repeats. Ratios are multiplicative (2 and 1/2 are
+      opposite and equal effects), so their centre is a geometric mean, which the arithmetic mean would bias
+      upwards;
+    - ``ci_low``/``ci_high``: percentile bootstrap of the geometric mean (``numpy.random.default_rng(seed)``,
+      ``n_boot`` resamples). Each resample draws layers with replacement (``integers(0, n, (n_boot, n))``)
+      and, with several repeats, repeats with replacement (``integers(0, R, (n_boot, R))``, drawn next), and
+      takes the mean log ratio over the drawn repeats × drawn layers: repeats and layers are crossed random
+      factors (the "pigeonhole" bootstrap, Owen 2007), so the interval holds the run-to-run variation, not
+      only the layer-to-layer one. ``ci_over`` says which (``layers`` or ``repeats and layers``);
+    - ``sign_p``: two-sided exact sign test over layers of "ratio > 1" against "ratio < 1" (ties dropped);
+    - ``n_repeats``, ``repeats_above_1``: how many repeats, and in how many the geometric mean over layers
+      exceeds 1 (``None`` for one);
+    - ``effect``: ``above_1`` when the interval lies above 1, ``below_1`` below 1, else ``none``.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     r = np.asarray(ratios, dtype=np.float64)
-    r = r[np.isfinite(r) & (r > 0)]
-    n = int(r.size)
+    r = r.reshape(1, -1) if r.ndim == 1 else r
+    with np.errstate(invalid="ignore"):
+        r = r[:, np.all(np.isfinite(r) & (r > 0), axis=0)]
+    repeats, n = r.shape
     if n == 0:
-        return dict(n_layers=0, frac_above_1=None, geo_mean=None, ci_low=None, ci_high=None, sign_p=None)
+        return dict(n_layers=0, frac_above_1=None, geo_mean=None, ci_low=None, ci_high=None, sign_p=None,
+                    n_repeats=repeats, repeats_above_1=None, ci_over=None, effect=None)
     logs = np.log(r)
-    boot = np.exp(logs[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(axis=1))
+    rng = np.random.default_rng(seed)
+    layers = rng.integers(0, n, size=(n_boot, n))
+    rows = rng.integers(0, repeats, size=(n_boot, repeats)) if repeats > 1 else np.zeros((n_boot, 1), dtype=int)
+    boot = np.exp(logs[rows[:, :, None], layers[:, None, :]].mean(axis=(1, 2)))
     tail = 50 * (1 - confidence)
-    ci_low, ci_high = np.percentile(boot, [tail, 100 - tail])
-    above, below = int((r > 1).sum()), int((r < 1).sum())
+    ci_low, ci_high = (float(x) for x in np.percentile(boot, [tail, 100 - tail]))
+    per_layer = logs.mean(axis=0)
+    above, below = int((per_layer > 0).sum()), int((per_layer < 0).sum())
     m = above + below
     sign_p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(above, below) + 1)) / 2**m)
-    return dict(n_layers=n, frac_above_1=above / n, geo_mean=float(np.exp(logs.mean())),
-                ci_low=float(ci_low), ci_high=float(ci_high), sign_p=float(sign_p))
+    effect = "above_1" if ci_low > 1 else "below_1" if ci_high < 1 else "none"
+    return dict(n_layers=n, frac_above_1=above / n, geo_mean=float(np.exp(logs.mean())), ci_low=ci_low,
+                ci_high=ci_high, sign_p=float(sign_p), n_repeats=repeats,
+                repeats_above_1=int((logs.mean(axis=1) > 0).sum()) if repeats > 1 else None,
+                ci_over="repeats and layers" if repeats > 1 else "layers", effect=effect)
+
+
+def verdict(summary: dict | None, ratio: str = "B/A") -> str:
+    """One sentence on what ``summary`` supports about ``ratio`` (e.g. ``R_SGDM/R_Adam``), never more than its
+    interval does: an effect only where the interval excludes 1 *and* holds the run-to-run variation.
+
+    >>> s = summarize([[2.0, 4.0, 3.0], [2.5, 3.0, 1.5]])
+    >>> verdict(s, "R_SGDM/R_Adam").split(":")[0], s["repeats_above_1"]
+    ('effect, R_SGDM/R_Adam above 1', 2)
+    """
+    if not summary or not summary["n_layers"]:
+        return "nothing to compare: no layer has a defined ratio"
+    s, n, repeats = summary, summary["n_layers"], summary["n_repeats"]
+    over = f"{repeats} repeats × {n} layers" if repeats > 1 else f"{n} layers"
+    centre = f"geometric-mean {ratio} {s['geo_mean']:.3g} (95% CI {s['ci_low']:.3g}–{s['ci_high']:.3g} over {over})"
+    layers = f"above 1 on {round(s['frac_above_1'] * n)} of {n} layers (sign test p = {s['sign_p']:.2g})"
+    if repeats > 1:
+        layers += f" and in {s['repeats_above_1']} of {repeats} repeats"
+    if s["effect"] == "none":
+        return f"no clear effect: {centre}, an interval that includes 1; {layers}"
+    side = "above" if s["effect"] == "above_1" else "below"
+    if repeats == 1:
+        return (f"{ratio} {side} 1 in this one run per side: {centre}; {layers}. The interval does not hold the "
+                "run-to-run variation: repeat the runs to tell whether this is an effect")
+    return f"effect, {ratio} {side} 1: {centre}; {layers}"

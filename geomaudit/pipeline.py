@@ -4,6 +4,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cache import CacheEntry, checkpoint_digest
@@ -207,6 +208,7 @@ class CompareConfig:
     metric: str = "r_med_stab"
     rank: int | None = None
     energy: float = 0.9
+    paired: bool = False  # run i of A goes with run i of B: per-repeat ratios, interval over repeats and layers
 
     def settings(self) -> dict:
         return asdict(self)
@@ -226,6 +228,14 @@ def _low_rank_values(auditor: Auditor, ref: CheckpointRef, compare: "CompareConf
     return {s["name"]: s[compare.metric] for s in spectra if s["low_rank"]}
 
 
+def _row(row) -> dict:
+    """A layer row for JSON: undefined numbers as null."""
+    def number(v):
+        return json_number(v) if isinstance(v, float) else [json_number(x) for x in v] if isinstance(v, tuple) else v
+
+    return {k: number(v) for k, v in asdict(row).items()}
+
+
 def _point(point) -> dict:
     return {"run": point.run, "step": point.step, "loss": point.loss}
 
@@ -238,6 +248,8 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
         raise UsageError(f"--reference must be a or b, got {compare.reference!r}")
     sides = {side: [discover(p, config.steps, config.every) for p in expand_runs(patterns)]
              for side, patterns in (("a", compare.runs_a), ("b", compare.runs_b))}
+    if compare.paired and len(sides["a"]) != len(sides["b"]):
+        raise UsageError(f"--paired needs as many runs in A as in B, got {len(sides['a'])} and {len(sides['b'])}")
     auditor = Auditor(config, progress)
     refs = {(str(t.root), ref.step): ref for runs in sides.values() for t in runs for ref in t.checkpoints}
     curves = {side: [[Point(str(t.root), ref.step, auditor.loss(ref), {}) for ref in t.checkpoints] for t in runs]
@@ -269,10 +281,10 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
                  "summary": None}
         if pairing.refused is None:
             full = replace(pairing, a=tuple(map(with_values, pairing.a)), b=tuple(map(with_values, pairing.b)))
-            rows = layer_rows(full, compare.reference)
-            entry["layers"] = [{k: json_number(v) if isinstance(v, float) else v for k, v in asdict(r).items()}
-                               for r in rows]
-            entry["summary"] = summarize([r.ratio for r in rows], seed=config.seed)
+            rows = layer_rows(full, compare.reference, compare.paired)
+            entry["layers"] = [_row(r) for r in rows]
+            ratios = [r.ratios for r in rows] if compare.paired else [r.ratio for r in rows]
+            entry["summary"] = summarize(np.array(ratios).T, seed=config.seed)
         pairs.append(entry)
     if not audited and not spectra:
         raise InputError("no pair of checkpoints was within the loss tolerance: nothing was compared "

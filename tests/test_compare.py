@@ -230,8 +230,88 @@ def test_summarize_drops_non_finite_and_non_positive():
 
 
 def test_summarize_empty():
-    expected = dict(n_layers=0, frac_above_1=None, geo_mean=None, ci_low=None, ci_high=None, sign_p=None)
+    expected = dict(n_layers=0, frac_above_1=None, geo_mean=None, ci_low=None, ci_high=None, sign_p=None,
+                    n_repeats=1, repeats_above_1=None, ci_over=None, effect=None)
     assert summarize([]) == expected
     assert summarize([math.nan, math.inf, 0.0]) == expected
     with pytest.raises(ValueError):
         summarize([2.0], confidence=1.0)
+
+
+# --- paired repeats ----------------------------------------------------------------------------
+
+def test_paired_rows_give_the_mean_and_std_of_per_repeat_ratios():
+    a = [run("adam-0", [5], [1.0], {"w": 2.0, "b": 1.0}), run("adam-1", [5], [1.0], {"w": 4.0, "b": 3.0})]
+    b = [run("sgdm-0", [5], [1.0], {"w": 6.0, "b": 2.0}), run("sgdm-1", [5], [1.0], {"w": 4.0, "b": 12.0})]
+    (pairing,) = pair_by_step(a, b)
+    w, bias = layer_rows(pairing, paired=True)
+    # w: per-repeat ratios 6/2 = 3 and 4/4 = 1: mean 2, std sqrt(((3-2)^2 + (1-2)^2) / 1) = sqrt(2)
+    assert w.ratios == (3.0, 1.0) and w.ratio_mean == 2.0 and w.ratio_std == pytest.approx(math.sqrt(2.0))
+    assert w.ratio == pytest.approx(5.0 / 3.0)  # the ratio of the means is kept beside them
+    # b: 2/1 = 2 and 12/3 = 4
+    assert bias.ratios == (2.0, 4.0) and bias.ratio_mean == 3.0 and bias.ratio_std == pytest.approx(math.sqrt(2.0))
+    assert [r.ratios for r in layer_rows(pairing, reference="b", paired=True)] == [(1 / 3, 1.0), (0.5, 0.25)]
+    assert layer_rows(pairing)[0].ratios is None  # unpaired: no per-repeat ratios
+    (one,) = pair_by_step(a[:1], b[:1])
+    assert layer_rows(one, paired=True)[0].ratio_std == 0.0
+    (uneven,) = pair_by_step(a, b[:1])
+    with pytest.raises(ValueError, match="as many runs on each side"):
+        layer_rows(uneven, paired=True)
+
+
+def test_summarize_repeats_by_layers_hand_numbers():
+    # 3 repeats x 4 layers; the last layer is undefined in one repeat, so it is left out
+    r = np.array([[2.0, 0.5, 4.0, math.inf],
+                  [2.0, 2.0, 1.0, 3.0],
+                  [8.0, 1.0, 0.25, 3.0]])
+    s = summarize(r, n_boot=4000)
+    logs = np.log(r[:, :3])
+    assert s["n_layers"] == 3 and s["n_repeats"] == 3 and s["ci_over"] == "repeats and layers"
+    assert s["geo_mean"] == pytest.approx(math.exp(logs.mean()))  # (2*.5*4 * 2*2*1 * 8*1*.25) ** (1/9) = 32 ** (1/9)
+    assert s["geo_mean"] == pytest.approx(32 ** (1 / 9))
+    # per layer, geometric means over repeats: (32)^(1/3) > 1, 1^(1/3) = 1 (a tie), 1^(1/3) = 1
+    assert s["frac_above_1"] == pytest.approx(1 / 3) and s["sign_p"] == 1.0
+    # per repeat, over layers: 4^(1/3) > 1, 4^(1/3) > 1, 2^(1/3) > 1
+    assert s["repeats_above_1"] == 3
+    assert s["ci_low"] < s["geo_mean"] < s["ci_high"] and s["effect"] == "none"
+
+
+def test_the_interval_over_repeats_and_layers_holds_the_run_to_run_variation():
+    # every layer agrees within a repeat, the repeats disagree: layers alone look certain, repeats do not
+    r = np.array([[3.0] * 10, [0.5] * 10, [2.0] * 10, [0.6] * 10])
+    paired = summarize(r, seed=1)
+    assert paired["ci_low"] < 1 < paired["ci_high"] and paired["effect"] == "none"
+    per_run = summarize(r[0])
+    assert per_run["ci_low"] == per_run["ci_high"] == pytest.approx(3.0) and per_run["effect"] == "above_1"
+    assert per_run["n_repeats"] == 1 and per_run["ci_over"] == "layers" and per_run["repeats_above_1"] is None
+    # the same layer values in every repeat: the interval is the layers' bootstrap interval
+    same = summarize(np.tile([2.0, 4.0, 0.5, 3.0, 1.5], (4, 1)), seed=3)
+    alone = summarize([2.0, 4.0, 0.5, 3.0, 1.5], seed=3)
+    assert (same["ci_low"], same["ci_high"]) == pytest.approx((alone["ci_low"], alone["ci_high"]))
+
+
+def test_bootstrap_over_repeats_and_layers_reproduces_the_documented_draws():
+    r = np.exp(np.random.default_rng(0).normal(0.2, 0.5, size=(3, 5)))
+    s = summarize(r, seed=4, n_boot=300, confidence=0.8)
+    rng = np.random.default_rng(4)
+    layers, repeats = rng.integers(0, 5, size=(300, 5)), rng.integers(0, 3, size=(300, 3))
+    boot = [math.exp(np.log(r[np.ix_(ri, li)]).mean()) for ri, li in zip(repeats, layers)]
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx(tuple(np.percentile(boot, [10, 90])), rel=1e-12)
+
+
+def test_verdict_claims_no_more_than_the_interval():
+    from geomaudit.compare import verdict
+
+    clear = summarize(np.array([[2.0, 3.0, 2.5, 1.8], [2.2, 2.6, 3.1, 1.9], [1.9, 2.8, 2.4, 2.1]]))
+    text = verdict(clear, "R_SGDM/R_Adam")
+    assert text.startswith("effect, R_SGDM/R_Adam above 1: geometric-mean R_SGDM/R_Adam")
+    assert "over 3 repeats × 4 layers" in text and "above 1 on 4 of 4 layers" in text and "in 3 of 3 repeats" in text
+    reverse = verdict(summarize(1 / np.array([[2.0, 3.0, 2.5], [2.2, 2.6, 3.1]])), "B/A")
+    assert reverse.startswith("effect, B/A below 1")
+    mixed = verdict(summarize(np.array([[3.0] * 4, [0.5] * 4, [2.0] * 4, [0.6] * 4])), "B/A")
+    assert mixed.startswith("no clear effect: ") and "an interval that includes 1" in mixed
+    single = verdict(summarize([2.0, 3.0, 2.5, 1.8]), "B/A")
+    assert single.startswith("B/A above 1 in this one run per side") and "repeat the runs" in single
+    assert "effect" not in single.split(".")[0]
+    assert verdict(summarize([math.inf]), "B/A").startswith("nothing to compare")
+    assert verdict(None).startswith("nothing to compare")

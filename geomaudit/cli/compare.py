@@ -19,6 +19,9 @@ def compare(
     more_b: Annotated[list[str] | None, typer.Option("--b", help="Another run (seed) of side B; repeatable.")] = None,
     match_loss: Annotated[bool, typer.Option("--match-loss", help="Pair checkpoints of equal training loss "
                                              "instead of equal step.")] = False,
+    paired: Annotated[bool, typer.Option("--paired", help="Run i of A goes with run i of B (repeats from one "
+                                         "initialisation): mean (std) of the per-repeat ratios, and an interval "
+                                         "over repeats and layers.")] = False,
     tolerance: Annotated[float, typer.Option(help="Largest relative distance |loss - level| / level of a "
                                              "matched checkpoint.")] = 0.02,
     levels: Annotated[str | None, typer.Option(help="Loss levels to match, e.g. 0.25,0.17,0.13 (default: three "
@@ -72,7 +75,8 @@ def compare(
         check_tables(json_path, format and format.value, table)
         config = o.audit_config(run_a, locals(), loss_from)
         spec = CompareConfig((run_a, *(more_a or [])), (run_b, *(more_b or [])), match_loss, tolerance,
-                             o.parse_numbers(levels, "--levels", float), reference, metric.value, rank, energy)
+                             o.parse_numbers(levels, "--levels", float), reference, metric.value, rank, energy,
+                             paired)
         with progress_bars() as progress:
             document = run_compare(config, spec, progress)
         emit(document, json_path, compare_tables, format and format.value, table)

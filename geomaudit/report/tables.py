@@ -58,9 +58,11 @@ def compare_tables(document: dict) -> list[Grid]:
     spec = document["compare"]
     metric, direction = spec["metric"], spec["direction"]
     pairs = [p for p in spec["pairs"] if not p["refused"]]
+    paired = spec.get("paired", False)
     columns = [Column(head, group=pair["label"]) for pair in pairs for head in ("A", "B", f"ratio {direction}")]
     grid = Grid(f"{metric}: A = {', '.join(spec['runs']['a'])}; B = {', '.join(spec['runs']['b'])}; "
-                f"ratio {direction}", [LAYER], columns, label=f"{metric}, ratio {direction}")
+                f"ratio {direction}" + (", mean (std) over paired runs" if paired else ""), [LAYER], columns,
+                label=f"{metric}, ratio {direction}")
 
     def losses(pair, side) -> str:
         return ", ".join(f"{p['loss']:.4g}" + ("" if spec["mode"] == "step" else f" @{p['step']}") for p in pair[side])
@@ -75,14 +77,20 @@ def compare_tables(document: dict) -> list[Grid]:
         for by_name in rows:
             r = by_name.get(name)
             cells += ["", "", ""] if r is None else [_mean_std(r["a_mean"], r["a_std"], n_a),
-                                                     _mean_std(r["b_mean"], r["b_std"], n_b), number(r["ratio"])]
+                                                     _mean_std(r["b_mean"], r["b_std"], n_b),
+                                                     _mean_std(r["ratio_mean"], r["ratio_std"], n_a) if paired
+                                                     else number(r["ratio"])]
         grid.add_row(name, *cells, end_section=name == names[-1])
     summaries = [p["summary"] for p in pairs]
     for label, cell in ((f"share of layers with {direction} > 1", lambda s: number(s["frac_above_1"], ".0%")),
                         (f"geometric-mean {direction}", lambda s: number(s["geo_mean"])),
-                        ("95% bootstrap CI", lambda s: Value(f"{fmt(s['ci_low'])}–{fmt(s['ci_high'])}",
-                                                             f"{s['ci_low']!r}–{s['ci_high']!r}")),
-                        ("sign test p", lambda s: number(s["sign_p"], ".2g"))):
+                        ("95% bootstrap CI" + (" (repeats × layers)" if paired else ""),
+                         lambda s: Value(f"{fmt(s['ci_low'])}–{fmt(s['ci_high'])}",
+                                         f"{s['ci_low']!r}–{s['ci_high']!r}")),
+                        ("sign test p", lambda s: number(s["sign_p"], ".2g")),
+                        *(((f"repeats with geometric-mean {direction} > 1",
+                            lambda s: f"{s['repeats_above_1']} of {s['n_repeats']}" if s["n_repeats"] > 1 else ""),)
+                          if paired else ())):
         grid.add_row(label, *[c for s in summaries for c in ("", "", cell(s) if s["n_layers"] else "")])
     notes = [f"refused {p['label']}: {p['refused']}" for p in spec["pairs"] if p["refused"]]
     if pairs and not names:

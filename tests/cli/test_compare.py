@@ -73,6 +73,31 @@ def test_several_seeds_give_mean_and_std(trainer_runs):
     assert again["compare"]["pairs"][0]["layers"] == pair["layers"]
 
 
+def test_paired_runs_give_per_repeat_ratios_and_an_interval_over_repeats(trainer_runs):
+    parent = trainer_runs["adam-0"].parent
+    document = report("compare", str(parent / "adam-*"), str(parent / "sgd-*"), "--paired", *FAST, "--steps", "6")
+    values = stats_by_checkpoint(document)
+    pair = document["compare"]["pairs"][0]
+    assert document["compare"]["paired"] is True
+    matrix = []
+    for row in pair["layers"]:
+        per_repeat = [values[(str(parent / f"sgd-{s}"), 6)][row["name"]] / values[(str(parent / f"adam-{s}"), 6)][
+            row["name"]] for s in (0, 1)]
+        matrix.append(per_repeat)
+        assert row["ratios"] == pytest.approx(per_repeat)
+        assert row["ratio_mean"] == pytest.approx(np.mean(per_repeat))
+        assert row["ratio_std"] == pytest.approx(np.std(per_repeat, ddof=1))
+    s = pair["summary"]
+    assert s["n_repeats"] == 2 and s["ci_over"] == "repeats and layers"
+    assert s["geo_mean"] == pytest.approx(math.exp(np.mean(np.log(matrix))))
+    assert s["repeats_above_1"] == sum(np.mean(np.log(col)) > 0 for col in np.array(matrix).T)
+    table = run("compare", str(parent / "adam-*"), str(parent / "sgd-*"), "--paired", *FAST, "--steps", "6").stdout
+    assert "repeats with geometric-mean B/A > 1" in table and f"{s['repeats_above_1']} of 2" in table
+    assert f"{pair['layers'][0]['ratio_mean']:.3g} ({pair['layers'][0]['ratio_std']:.2g})" in table
+    uneven = run("compare", str(parent / "adam-*"), str(parent / "sgd-0"), "--paired", *FAST, code=2)
+    assert "--paired needs as many runs in A as in B, got 2 and 1" in uneven.stderr
+
+
 def test_match_loss_pairs_within_tolerance_and_refuses_beyond(loss_runs):
     a, b = map(str, loss_runs)
     document = report("compare", a, b, "--match-loss", *FAST)
