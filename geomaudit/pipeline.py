@@ -112,7 +112,7 @@ class Auditor:
         if self.batch is None:
             source = c.data
             if records is None:
-                if loaded.task not in ("causal-lm", "masked-lm") or loaded.tokenizer is None:
+                if not loaded.task.default_batch or loaded.tokenizer is None:
                     raise UsageError("--data is needed: only a language model with a tokenizer has a default batch")
                 records, source = embedded_corpus(), EMBEDDED_SOURCE
             self.batch = build_batch(records, loaded, batch_size=c.batch_size, max_length=c.max_length,

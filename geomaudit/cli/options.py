@@ -19,6 +19,7 @@ class Task(str, Enum):
     causal_lm = "causal-lm"
     masked_lm = "masked-lm"
     classification = "classification"
+    custom = "custom"
 
 
 class Metric(str, Enum):
@@ -45,11 +46,12 @@ MaxLength = Annotated[int, typer.Option(help="Token limit per example for text d
 Seed = Annotated[int, typer.Option(help="Seeds coordinate sampling, MLM masking and new heads.")]
 Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 …")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, tf32 matmuls, or fp64.")]
-TaskOpt = Annotated[Task, typer.Option("--task", help="Loss of a Hugging Face model; auto reads config.json.")]
+TaskOpt = Annotated[Task, typer.Option("--task", help="Loss of a Hugging Face model; auto reads config.json; "
+                    "custom: the model's own loss from labels.")]
 Model = Annotated[str | None, typer.Option("--model", help="module:factory returning the nn.Module of a "
                   "state-dict checkpoint.")]
-Loss = Annotated[str | None, typer.Option("--loss", help="module:fn called as fn(model, batch) -> scalar loss "
-                 "(mean over examples); default model(**batch).loss.")]
+Loss = Annotated[str | None, typer.Option("--loss", help="module:fn called as fn(model, batch) -> the loss, a mean "
+                 "over examples, or (loss, items) for a mean over items (tokens); default model(**batch).loss.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Unpickle .pt/.bin files that need code "
                         "execution. Only for files you trust.")]
 ChunkSize = Annotated[int | None, typer.Option(help="Hessian-vector products per batch (default: automatic, "

@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 
 from ..engine.audit import audit_checkpoint, select_layers
 from ..errors import UsageError
-from ..io.checkpoints import LoadedModel, infer_task, task_loss
+from ..io.checkpoints import LoadedModel
+from ..io.tasks import infer_task
 from ..io.data import build_batch, embedded_corpus, has_labels, read_records
 from ..pipeline import EMBEDDED_SOURCE, AuditConfig
 from ..report.document import report_document, write_json
@@ -77,7 +78,7 @@ class GeometryCallback(TrainerCallback):
         else:
             records = dict(records)
         task = infer_task(type(model).__name__, has_labels(records))
-        loaded = LoadedModel(model, task_loss(task), task, "", "huggingface", tokenizer)
+        loaded = LoadedModel(model, task, "", "huggingface", tokenizer)
         c = self.config
         batch = build_batch(records, loaded, batch_size=c.batch_size, max_length=c.max_length, seed=c.seed,
                             source=source)

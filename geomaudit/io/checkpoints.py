@@ -1,9 +1,10 @@
 """Load a checkpoint and the loss it is audited on (SPEC §3).
 
-Two kinds of checkpoint:
-- a Hugging Face ``save_pretrained`` directory (safetensors, sharded safetensors, or
+The kinds of checkpoint are the rows of ``CHECKPOINT_KINDS``, tried in order:
+- ``huggingface``: a ``save_pretrained`` directory (safetensors, sharded safetensors, or
   ``pytorch_model.bin`` read with ``weights_only=True``), loaded with eager attention and no remote code;
-- a plain state-dict file (``.safetensors``, ``.pt``/``.bin``, a Lightning ``.ckpt``) with
+  its task (a row of ``tasks.TASKS``) comes from its architecture, or from ``--task``;
+- ``state_dict``: a plain state-dict file (``.safetensors``, ``.pt``/``.bin``, a Lightning ``.ckpt``) with
   ``--model module:factory`` and optionally ``--loss module:fn``.
 """
 
@@ -19,136 +20,138 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, UsageError
+from .tasks import IGNORE_INDEX, TASKS, Task, infer_task, model_class, model_output_loss, task_row  # noqa: F401  (re-exported)
 
-TASKS = ("auto", "causal-lm", "masked-lm", "classification")
-IGNORE_INDEX = -100
+LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
 
 @dataclass
 class LoadedModel:
-    """A model in ``eval()`` mode with its loss; ``task`` fixes how text data is turned into a batch."""
+    """A model in ``eval()`` mode, the task it is audited as, and where it came from.
+
+    ``custom_loss`` (``--loss``) replaces the task's loss when given. It returns the mean loss of the batch
+    it is given, averaged over the batch's examples; a loss averaged over something else (tokens) says so by
+    returning the pair ``(loss, items)``, ``items`` being how many terms the mean ran over.
+    """
 
     model: nn.Module
-    loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
-    task: str
-    path: str
-    format: str
+    task: Task
+    path: str = ""
+    format: str = ""
     tokenizer: object | None = None
     initialised: list[str] = field(default_factory=list)
+    custom_loss: LossFn | None = None
 
-    def loss_items(self, tensors: Mapping[str, Tensor]) -> int:
-        """How many terms the mean loss of ``tensors`` averages over (tokens for LMs, else examples)."""
-        if self.task == "causal-lm":
-            return int((tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
-        if self.task == "masked-lm":
-            return int((tensors["labels"] != IGNORE_INDEX).sum())
-        return len(next(iter(tensors.values())))
+    def loss_fn(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """The audited loss of ``batch``: a scalar mean."""
+        if self.custom_loss is None:
+            return self.task.loss(model, batch)
+        return self._custom(model, batch)[0]
+
+    def loss_items(self, tensors: Mapping[str, Tensor]) -> int | None:
+        """How many terms the mean loss of ``tensors`` averages over; ``None`` when that is not known."""
+        if self.custom_loss is None:
+            return self.task.items(tensors)
+        try:
+            with torch.no_grad():
+                return self._custom(self.model, tensors)[1]
+        except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as err:
+            raise InputError(f"the data does not fit the model: {_first_line(err)}") from err
+
+    def _custom(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+        out = self.custom_loss(model, batch)
+        if not isinstance(out, tuple):
+            return out, len(next(iter(batch.values())))
+        items = out[1] if len(out) == 2 else None
+        if isinstance(items, Tensor) and items.numel() == 1 and not items.is_floating_point():
+            items = int(items)
+        if not isinstance(items, int) or isinstance(items, bool) or items < 0:
+            raise UsageError("--loss returned a tuple, so it must be (loss, items) with items a whole number "
+                             "≥ 0: how many terms the mean loss averages over")
+        return out[0], items
 
     def describe(self) -> dict:
         return {"path": self.path, "format": self.format, "class": type(self.model).__name__,
-                "task": self.task, "initialised": self.initialised}
+                "task": self.task.name, "initialised": self.initialised}
 
 
-def model_output_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """The model's own loss: ``model(**batch).loss`` (Hugging Face models compute it from ``labels``)."""
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", out)
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        raise InputError("the model returned no scalar loss for the data; give labels in the data or --loss module:fn")
-    return loss
+@dataclass(frozen=True)
+class LoadOptions:
+    """What loading needs besides the path (the command line's options, by name)."""
+
+    task: str = "auto"
+    has_labels: bool = False
+    num_labels: int | None = None
+    factory: str | None = None
+    loss: str | None = None
+    allow_pickle: bool = False
+    seed: int = 0
 
 
-def task_loss(task: str) -> Callable[[nn.Module, Mapping[str, Tensor]], Tensor]:
-    """The loss a Hugging Face head trains with, computed from the logits in the audit's precision.
+@dataclass(frozen=True)
+class CheckpointKind:
+    """A row of ``CHECKPOINT_KINDS``: ``matches(path, options)`` says whether ``load`` takes the path."""
 
-    Same formulas as transformers (shifted token cross-entropy for causal LMs, cross-entropy over
-    labelled tokens for masked LMs, the ``problem_type`` rule for classifiers), but transformers'
-    own loss casts logits to fp32, which would cap ``--precision fp64`` at fp32 accuracy.
-    """
-    import torch.nn.functional as F
-
-    def loss_fn(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        labels = batch["labels"]
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        if task == "causal-lm":
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        if task == "masked-lm":
-            return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        problem = model.config.problem_type
-        if problem == "regression" or (problem is None and model.config.num_labels == 1):
-            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
-        if problem == "multi_label_classification" or (problem is None and labels.is_floating_point()):
-            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        return F.cross_entropy(logits, labels)
-
-    return loss_fn
+    name: str
+    matches: Callable[[Path, LoadOptions], bool]
+    load: Callable[[Path, LoadOptions], LoadedModel]
 
 
-def infer_task(architecture: str | None, has_labels: bool) -> str:
-    """The task from a Hugging Face architecture name; a headless model becomes a classifier if the data has labels."""
-    arch = architecture or ""
-    if arch.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal-lm"
-    if arch.endswith("ForMaskedLM"):
-        return "masked-lm"
-    if arch.endswith("ForSequenceClassification") or has_labels:
-        return "classification"
-    raise UsageError(f"the checkpoint's architecture {arch or '(none given)'} has no loss head: "
-                     "give data with a `label` field or choose --task causal-lm|masked-lm|classification")
-
-
-def load_checkpoint(path: str | os.PathLike, *, task: str = "auto", has_labels: bool = False,
-                    num_labels: int | None = None, factory: str | None = None, loss: str | None = None,
-                    allow_pickle: bool = False, seed: int = 0) -> LoadedModel:
-    """Load ``path`` as a Hugging Face directory, or as a state dict for the model ``factory`` builds.
+def load_checkpoint(path: str | os.PathLike, **options) -> LoadedModel:
+    """Load ``path`` as the first kind of ``CHECKPOINT_KINDS`` that takes it (``options``: ``LoadOptions``).
 
     Parameters a head needs but the checkpoint lacks are initialised from ``seed`` and listed in
     ``LoadedModel.initialised``.
     """
-    p = Path(path)
+    p, opts = Path(path), LoadOptions(**options)
     if not p.exists():
         raise InputError(f"checkpoint {p} does not exist")
-    if factory is not None:
-        if p.is_dir():
-            raise UsageError(f"--model takes a state-dict file, but {p} is a directory")
-        return _load_state_dict_model(p, factory, loss, allow_pickle)
-    if loss is not None:
-        raise UsageError("--loss needs --model: a Hugging Face checkpoint uses its own loss")
+    if opts.task != "auto" and opts.task not in TASKS:
+        raise UsageError(f"--task must be one of auto, {', '.join(TASKS)}, got {opts.task!r}")
+    for kind in CHECKPOINT_KINDS:
+        if kind.matches(p, opts):
+            return kind.load(p, opts)
+    if opts.factory is not None:
+        raise UsageError(f"--model takes a state-dict file, but {p} is a directory")
     if p.is_file():
         raise UsageError(f"{p} is a plain state dict: say which model it belongs to with --model module:factory")
-    if not (p / "config.json").is_file():
-        raise InputError(f"{p} is not a Hugging Face checkpoint directory (it has no config.json)")
-    return _load_hf(p, task, has_labels, num_labels, seed, allow_pickle)
+    raise InputError(f"{p} is not a Hugging Face checkpoint directory (it has no config.json)")
 
 
-def _load_hf(path: Path, task: str, has_labels: bool, num_labels: int | None, seed: int,
-             allow_pickle: bool) -> LoadedModel:
+# ---------------------------------------------------------------- Hugging Face directories
+
+def _is_hf_dir(path: Path, opts: LoadOptions) -> bool:
+    return opts.factory is None and path.is_dir() and (path / "config.json").is_file()
+
+
+def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
     import transformers
     from transformers.utils import logging as hf_logging
 
+    if opts.loss is not None:
+        raise UsageError("--loss needs --model: a Hugging Face checkpoint uses its own loss")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as err:
         raise InputError(f"cannot read {path / 'config.json'}: {_first_line(err)}") from err
     architecture = (config.architectures or [""])[0]
-    if task == "auto":
-        task = infer_task(architecture, has_labels)
-    auto_class = {"causal-lm": transformers.AutoModelForCausalLM, "masked-lm": transformers.AutoModelForMaskedLM,
-                  "classification": transformers.AutoModelForSequenceClassification}[task]
-    new_head = task == "classification" and not architecture.endswith("ForSequenceClassification")
-    state = _pickled_state(path, allow_pickle)
-    torch.manual_seed(seed)
+    task = infer_task(architecture, opts.has_labels) if opts.task == "auto" else TASKS[opts.task]
+    new_head = task.auto_class is not None and not task.matches(architecture)
+    auto_class = model_class(task, architecture)
+    state = _pickled_state(path, opts.allow_pickle)
+    torch.manual_seed(opts.seed)
     try:
-        if num_labels and new_head:
-            config.num_labels = num_labels
+        if opts.num_labels and new_head and task.class_labels:
+            config.num_labels = opts.num_labels
         if state is None:
             model, info = auto_class.from_pretrained(
                 path, config=config, local_files_only=True, attn_implementation="eager", dtype=torch.float32,
                 output_loading_info=True, trust_remote_code=False)
         else:
-            model, info = auto_class._model_mapping[type(config)].from_pretrained(
+            cls = auto_class._model_mapping[type(config)] if task.auto_class else auto_class
+            model, info = cls.from_pretrained(
                 None, config=config, state_dict=state, attn_implementation="eager", dtype=torch.float32,
                 output_loading_info=True)
     except Exception as err:
@@ -156,11 +159,11 @@ def _load_hf(path: Path, task: str, has_labels: bool, num_labels: int | None, se
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                                   trust_remote_code=False)
         except Exception as err:
             raise InputError(f"cannot load the tokenizer in {path}: {_first_line(err)}") from err
-    return LoadedModel(model.eval(), task_loss(task), task, str(path), "huggingface", tokenizer,
-                       sorted(info["missing_keys"]))
+    return LoadedModel(model.eval(), task, str(path), "huggingface", tokenizer, sorted(info["missing_keys"]))
 
 
 def _pickled_state(path: Path, allow_pickle: bool) -> dict[str, Tensor] | None:
@@ -175,6 +178,36 @@ def _pickled_state(path: Path, allow_pickle: bool) -> dict[str, Tensor] | None:
     for f in bins:
         _torch_load(f, allow_pickle=False)
     return None
+
+
+# ---------------------------------------------------------------- plain state dicts with --model
+
+def _is_state_dict_file(path: Path, opts: LoadOptions) -> bool:
+    return opts.factory is not None and path.is_file()
+
+
+def _load_state_dict_model(path: Path, opts: LoadOptions) -> LoadedModel:
+    model = import_object(opts.factory, "--model")()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {opts.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    state = read_state_dict(path, opts.allow_pickle)
+    try:
+        model.load_state_dict(_fit_keys(state, model), strict=True)
+    except RuntimeError as err:
+        raise InputError(f"the state dict {path} does not fit the model from --model {opts.factory}: "
+                         f"{_first_line(err, skip_header=True)}") from err
+    custom_loss = import_object(opts.loss, "--loss") if opts.loss else None
+    return LoadedModel(model.float().eval(), _own_task(model), str(path), "state_dict", custom_loss=custom_loss)
+
+
+def _own_task(model: nn.Module) -> Task:
+    """A transformers head (``GPT2LMHeadModel``) is audited as its checkpoint directory would be, with eager
+    attention; other modules on ``model(**batch).loss``."""
+    transformers = sys.modules.get("transformers")  # a transformers model has imported it
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        model.set_attn_implementation("eager")
+        return task_row(type(model).__name__) or TASKS["custom"]
+    return TASKS["custom"]
 
 
 def _torch_load(path: Path, allow_pickle: bool):
@@ -220,33 +253,39 @@ def import_object(spec: str, option: str) -> Callable:
     return obj
 
 
-def _load_state_dict_model(path: Path, factory: str, loss: str | None, allow_pickle: bool) -> LoadedModel:
-    model = import_object(factory, "--model")()
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"--model {factory} returned {type(model).__name__}, not a torch.nn.Module")
-    state = read_state_dict(path, allow_pickle)
-    try:
-        model.load_state_dict(_match_prefix(state, model), strict=True)
-    except RuntimeError as err:
-        raise InputError(f"the state dict {path} does not fit the model from --model {factory}: "
-                         f"{_first_line(err, skip_header=True)}") from err
-    loss_fn = import_object(loss, "--loss") if loss else model_output_loss
-    return LoadedModel(model.float().eval(), loss_fn, "custom", str(path), "state_dict")
+def _fit_keys(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """The state dict under the model's own names, when one of two repairs makes the keys fit.
 
-
-def _match_prefix(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Strip one common leading ``prefix.`` (Lightning's ``model.``) when that makes the keys fit."""
+    - one common leading ``prefix.`` stripped (Lightning's ``model.``);
+    - names of a tied tensor that the saver dropped (``safetensors.torch.save_model``, Accelerate keep one
+      name per shared tensor) filled in from the model's own tied-parameter map: the names under which
+      ``model`` holds one and the same parameter.
+    """
     wanted = set(model.state_dict())
-    if set(state) == wanted or not state:
-        return state
-    heads = {k.split(".", 1)[0] for k in state}
-    if len(heads) == 1 and all("." in k for k in state):
-        stripped = {k.split(".", 1)[1]: v for k, v in state.items()}
-        if set(stripped) == wanted:
-            return stripped
+    candidates = [state]
+    if state and all("." in k for k in state) and len({k.split(".", 1)[0] for k in state}) == 1:
+        candidates.append({k.split(".", 1)[1]: v for k, v in state.items()})
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for candidate in candidates:
+        filled = dict(candidate)
+        for names in tied.values():
+            kept = [n for n in names if n in candidate]
+            for name in names:
+                if kept:
+                    filled.setdefault(name, candidate[kept[0]])
+        if set(filled) == wanted:
+            return filled
     return state
 
 
 def _first_line(err: BaseException, skip_header: bool = False) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
     return lines[1] if skip_header and len(lines) > 1 else lines[0]
+
+
+CHECKPOINT_KINDS: tuple[CheckpointKind, ...] = (
+    CheckpointKind("huggingface", _is_hf_dir, _load_hf),
+    CheckpointKind("state_dict", _is_state_dict_file, _load_state_dict_model),
+)

@@ -3,16 +3,15 @@
 Text data (``.jsonl`` with ``text`` and optional ``label``, ``.csv`` with a ``text`` column, ``.txt`` one
 example a line) is tokenized with the checkpoint's tokenizer, padded to the longest example.
 Pre-tokenized data (``.safetensors``/``.pt``) holds ``input_ids``, ``attention_mask``, ``labels``.
-Labels per task: causal LMs predict their own tokens (``labels = input_ids``, padding ignored);
-masked LMs get a seeded BERT-style mask of 15% of each example's ordinary tokens (at least one),
-every chosen token replaced by the mask token; classifiers take ``label``.
+What a task adds to the batch (labels, a mask …) is its row of ``tasks.TASKS``; the file formats are the
+rows of ``DATA_FORMATS``.
 """
 
 import csv
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +20,8 @@ from torch import Tensor
 
 from ..engine.hdiag import MicroBatch
 from ..errors import InputError, UsageError
-from .checkpoints import IGNORE_INDEX, LoadedModel, read_state_dict
-
-TEXT_SUFFIXES = (".jsonl", ".csv", ".txt")
-TENSOR_SUFFIXES = (".safetensors", ".pt", ".bin")
-MASK_RATE = 0.15
+from .checkpoints import LoadedModel, read_state_dict
+from .tasks import Examples
 
 
 @dataclass(frozen=True)
@@ -48,20 +44,29 @@ class AuditBatch:
 
     def micro_batches(self, loaded: LoadedModel, size: int, device: torch.device,
                       dtype: torch.dtype) -> list[MicroBatch]:
-        """Slices of ``size`` examples, weighted by their share of the batch's loss items."""
+        """Slices of ``size`` examples, weighted by their share of the batch's loss items (SPEC §1, Loss)."""
         pieces = [{k: _to(v[s:s + size], device, dtype) for k, v in self.tensors.items()}
                   for s in range(0, self.examples, size)]
-        counts = [loaded.loss_items(p) for p in pieces]
+        split = len(pieces) > 1
+        counts = [loaded.loss_items(p) for p in pieces] if split or loaded.custom_loss is None else [None]
+        if None in counts:
+            if not split:  # one piece: its weight is 1 whatever the loss averages over
+                return [MicroBatch(pieces[0], 1.0)]
+            raise UsageError(f"--micro-batch {size} would split the batch, but the loss does not say how many "
+                             "terms it averages over, so the pieces cannot be weighted: use one micro-batch, or "
+                             "--loss module:fn returning (loss, items)")
         total = sum(counts)
         if total == 0:
             raise InputError(f"the data from {self.source} leaves no token or example for the loss")
         return [MicroBatch(p, c / total) for p, c in zip(pieces, counts) if c]
 
     def describe(self, loaded: LoadedModel, micro_batches: list[MicroBatch]) -> dict:
-        """The report's ``data`` section; ``loss_items`` counts what the audited micro-batches average over."""
+        """The report's ``data`` section; ``loss_items`` counts what the audited micro-batches average over
+        (``None`` when the loss does not say)."""
         shapes = {k: list(v.shape) for k, v in self.tensors.items()}
+        counts = [loaded.loss_items(mb.tensors) for mb in micro_batches]
         return {"source": self.source, "fingerprint": self.fingerprint, "examples": self.examples, "shapes": shapes,
-                "loss_items": sum(loaded.loss_items(mb.tensors) for mb in micro_batches)}
+                "loss_items": None if None in counts else sum(counts)}
 
 
 def _to(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -83,28 +88,61 @@ def has_labels(records: TextRecords | dict[str, Tensor]) -> bool:
     return "labels" in records if isinstance(records, dict) else records.labels is not None
 
 
+@dataclass(frozen=True)
+class DataFormat:
+    """A row of ``DATA_FORMATS``: ``matches(path)`` says whether ``read(path)`` takes the file or folder."""
+
+    name: str  # as error messages list it
+    matches: Callable[[Path], bool]
+    read: Callable[[Path], "TextRecords | dict[str, Tensor]"]
+
+
 def read_records(path: Path) -> TextRecords | dict[str, Tensor]:
-    """Raw examples of a data file: text records, or a dict of tensors."""
-    if not path.is_file():
+    """Raw examples of a data file: text records, or a dict of tensors (the first format that takes it)."""
+    if not path.exists():
         raise InputError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in TENSOR_SUFFIXES:
-        return read_state_dict(path)
-    if suffix not in TEXT_SUFFIXES:
-        raise UsageError(f"cannot read data of type {suffix or '(none)'}: use .jsonl, .csv, .txt, .safetensors or .pt")
+    for fmt in DATA_FORMATS:
+        if fmt.matches(path):
+            return fmt.read(path)
+    raise UsageError(f"cannot read data of type {path.suffix or '(none)'}: use "
+                     f"{', '.join(f.name for f in DATA_FORMATS)}")
+
+
+def _suffix(*suffixes: str) -> Callable[[Path], bool]:
+    return lambda path: path.is_file() and path.suffix.lower() in suffixes
+
+
+def _text_of(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{path} is not UTF-8 text") from err
-    if suffix == ".txt":
-        return TextRecords([ln for ln in text.splitlines() if ln.strip()], None)
-    rows = _jsonl_rows(path, text) if suffix == ".jsonl" else list(csv.DictReader(text.splitlines()))
+
+
+def _read_lines(path: Path) -> TextRecords:
+    return TextRecords([ln for ln in _text_of(path).splitlines() if ln.strip()], None)
+
+
+def _read_jsonl(path: Path) -> TextRecords:
+    return _text_rows(path, _jsonl_rows(path, _text_of(path)))
+
+
+def _read_csv(path: Path) -> TextRecords:
+    return _text_rows(path, list(csv.DictReader(_text_of(path).splitlines())))
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    return read_state_dict(path)
+
+
+def _text_rows(path: Path, rows: list[dict]) -> TextRecords:
+    """Examples from rows with a ``text`` field and, on every row or on none, a ``label``."""
     if not rows:
         raise InputError(f"{path} holds no examples")
     if any("text" not in r for r in rows):
         raise InputError(f"{path}: every example needs a `text` field")
-    has_labels = all(r.get("label") not in (None, "") for r in rows)
-    return TextRecords([str(r["text"]) for r in rows], [r["label"] for r in rows] if has_labels else None)
+    labelled = all(r.get("label") not in (None, "") for r in rows)
+    return TextRecords([str(r["text"]) for r in rows], [r["label"] for r in rows] if labelled else None)
 
 
 def _jsonl_rows(path: Path, text: str) -> list[dict]:
@@ -137,25 +175,18 @@ def embedded_corpus() -> TextRecords:
 
 def build_batch(records: TextRecords | dict[str, Tensor], loaded: LoadedModel, *, batch_size: int,
                 max_length: int, seed: int, source: str) -> AuditBatch:
-    """Tokenize (or slice) the first ``batch_size`` examples and add the labels the task needs."""
+    """Tokenize (or slice) the first ``batch_size`` examples and add what the task needs (its ``prepare``)."""
     if isinstance(records, TextRecords):
-        tensors = _tokenize(records, loaded, batch_size, max_length)
+        tensors, examples = _tokenize(records, loaded, batch_size, max_length)
     else:
-        tensors = _slice(records, batch_size, source)
-    if loaded.task == "causal-lm" and "labels" not in tensors:
-        labels = tensors["input_ids"].clone()
-        if "attention_mask" in tensors:
-            labels[tensors["attention_mask"] == 0] = IGNORE_INDEX
-        tensors["labels"] = labels
-    elif loaded.task == "masked-lm" and "labels" not in tensors:
-        tensors.update(_mask_tokens(tensors, loaded.tokenizer, seed))
-    elif loaded.task == "classification" and "labels" not in tensors:
-        raise InputError(f"{source} has no labels: a classifier needs a `label` for every example")
+        tensors, examples = _slice(records, batch_size, source), Examples()
+    tensors = loaded.task.prepare(tensors, examples, loaded, seed)
     _check_fits(tensors, loaded, source)
     return AuditBatch(tensors, source, fingerprint(tensors))
 
 
-def _tokenize(records: TextRecords, loaded: LoadedModel, batch_size: int, max_length: int) -> dict[str, Tensor]:
+def _tokenize(records: TextRecords, loaded: LoadedModel, batch_size: int,
+              max_length: int) -> tuple[dict[str, Tensor], Examples]:
     tok = loaded.tokenizer
     if tok is None:
         raise InputError("text data needs a tokenizer: use a Hugging Face checkpoint directory with tokenizer "
@@ -165,24 +196,12 @@ def _tokenize(records: TextRecords, loaded: LoadedModel, batch_size: int, max_le
     positions = _max_positions(loaded)
     if positions:
         max_length = min(max_length, positions)
-    texts = records.texts[:batch_size]
-    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-              return_special_tokens_mask=loaded.task == "masked-lm")
+    enc = tok(records.texts[:batch_size], padding=True, truncation=True, max_length=max_length,
+              return_tensors="pt", return_special_tokens_mask=True)
     tensors = dict(enc)
-    if records.labels is not None and loaded.task == "classification":
-        tensors["labels"] = torch.tensor([_label_id(v, loaded) for v in records.labels[:batch_size]])
-    return tensors
-
-
-def _label_id(value, loaded: LoadedModel) -> int:
-    label2id = getattr(loaded.model.config, "label2id", None) or {}
-    if isinstance(value, str) and value in label2id:
-        return int(label2id[value])
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"label {value!r} is neither an integer nor one of the model's labels "
-                         f"{sorted(label2id)}") from None
+    special = tensors.pop("special_tokens_mask")
+    labels = records.labels[:batch_size] if records.labels is not None else None
+    return tensors, Examples(labels=labels, special_tokens_mask=special)
 
 
 def _slice(records: dict[str, Tensor], batch_size: int, source: str) -> dict[str, Tensor]:
@@ -192,29 +211,6 @@ def _slice(records: dict[str, Tensor], batch_size: int, source: str) -> dict[str
     if len(set(lengths.values())) != 1 or 0 in lengths.values():
         raise InputError(f"the tensors in {source} differ in length along dim 0: {lengths}")
     return {k: v[:batch_size] for k, v in records.items()}
-
-
-def _mask_tokens(tensors: dict[str, Tensor], tokenizer, seed: int) -> dict[str, Tensor]:
-    if tokenizer is None or tokenizer.mask_token_id is None:
-        raise InputError("masking tokens for a masked LM needs the checkpoint's tokenizer with a mask token")
-    ids = tensors["input_ids"].clone()
-    special = tensors.pop("special_tokens_mask", None)
-    if special is None:
-        special = torch.tensor([tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True)
-                                for r in ids.tolist()])
-    maskable = special == 0
-    if "attention_mask" in tensors:
-        maskable &= tensors["attention_mask"] == 1
-    gen = torch.Generator().manual_seed(seed)
-    chosen = torch.zeros_like(maskable)
-    for row in range(len(ids)):
-        cols = maskable[row].nonzero().flatten()
-        if len(cols):
-            k = max(1, round(MASK_RATE * len(cols)))
-            chosen[row, cols[torch.randperm(len(cols), generator=gen)[:k]]] = True
-    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
-    ids[chosen] = tokenizer.mask_token_id
-    return {"input_ids": ids, "labels": labels}
 
 
 def _max_positions(loaded: LoadedModel) -> int | None:
@@ -234,7 +230,15 @@ def _check_fits(tensors: dict[str, Tensor], loaded: LoadedModel, source: str) ->
     positions = _max_positions(loaded)
     if positions and ids.shape[-1] > positions:
         raise InputError(f"{source} has sequences of {ids.shape[-1]} tokens; the model takes at most {positions}")
-    if loaded.task == "classification":
+    if loaded.task.class_labels:
         labels, n = tensors["labels"], config.num_labels
         if labels.ndim == 1 and not labels.is_floating_point() and (int(labels.max()) >= n or int(labels.min()) < 0):
             raise InputError(f"{source} has labels outside 0..{n - 1} for a model with {n} labels")
+
+
+DATA_FORMATS: tuple[DataFormat, ...] = (
+    DataFormat(".jsonl", _suffix(".jsonl"), _read_jsonl),
+    DataFormat(".csv", _suffix(".csv"), _read_csv),
+    DataFormat(".txt", _suffix(".txt"), _read_lines),
+    DataFormat(".safetensors/.pt/.bin", _suffix(".safetensors", ".pt", ".bin"), _read_tensors),
+)

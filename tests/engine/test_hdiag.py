@@ -18,7 +18,8 @@ from torch.func import functional_call
 from geomaudit.engine.audit import audit_checkpoint
 from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch
 from geomaudit.engine.sampling import sample_indices
-from geomaudit.io.checkpoints import IGNORE_INDEX, LoadedModel, task_loss
+from geomaudit.io.checkpoints import LoadedModel
+from geomaudit.io.tasks import IGNORE_INDEX, TASKS
 from geomaudit.io.data import AuditBatch
 
 RTOL = 1e-5  # fp64; engine and oracle agree to ~1e-13, while a factor 2 or a wrong index is an O(1) error
@@ -327,11 +328,11 @@ def test_causal_lm_micro_batches_weighted_by_tokens_equal_one_batch():
     Hessian); micro-batches and weights come from the package's AuditBatch / LoadedModel.loss_items."""
     model = make_gpt2()
     tensors = padded_lm_batch()
-    loss_fn = task_loss("causal-lm")  # the package's causal-LM loss, in the audit precision
+    loss_fn = TASKS["causal-lm"].loss  # the package's causal-LM loss, in the audit precision
     with torch.no_grad():
         assert float(loss_fn(model, tensors)) == pytest.approx(float(causal_lm_loss_fp64(model, tensors)), rel=1e-14)
         assert float(loss_fn(model, tensors)) == pytest.approx(float(model(**tensors).loss), rel=1e-6)
-    loaded = LoadedModel(model, loss_fn, "causal-lm", "", "")
+    loaded = LoadedModel(model, TASKS["causal-lm"])
     batch = AuditBatch(tensors, "x", "sha256:0")
     cpu = torch.device("cpu")
     mbs = batch.micro_batches(loaded, 5, cpu, torch.float64)
@@ -365,19 +366,19 @@ def test_causal_lm_micro_batches_weighted_by_tokens_equal_one_batch():
 def test_package_task_losses_are_exact_in_fp64(bert):
     """Oracle: the test's own fp64 causal-LM loss, and BERT's own classification loss.
 
-    geomaudit's task_loss recomputes the HF head losses in the audit precision (transformers'
+    geomaudit's task losses recompute the HF head losses in the audit precision (transformers'
     ForCausalLMLoss casts logits to fp32, which shows as a ~1e-8 relative error in fp64)."""
     model, tensors = make_gpt2(), padded_lm_batch()
     name, idx = "transformer.h.0.attn.c_attn.weight", sample_indices((8, 24), 12, seed=0)
-    package = engine_diag(model, task_loss("causal-lm"), tensors, name, idx)
+    package = engine_diag(model, TASKS["causal-lm"].loss, tensors, name, idx)
     ours = engine_diag(model, causal_lm_loss_fp64, tensors, name, idx)
     assert rel_err(package, ours) <= 1e-12
     hf_fp32 = engine_diag(model, hf_loss, tensors, name, idx)
-    assert 1e-11 < rel_err(hf_fp32, ours) <= 1e-5  # why task_loss exists; the oracle tests above allow for it
+    assert 1e-11 < rel_err(hf_fp32, ours) <= 1e-5  # why the task losses exist; the oracle tests above allow for it
 
     bert_model, batch = bert
     name, idx = "classifier.weight", np.arange(24)
-    assert rel_err(engine_diag(bert_model, task_loss("classification"), batch, name, idx),
+    assert rel_err(engine_diag(bert_model, TASKS["classification"].loss, batch, name, idx),
                    engine_diag(bert_model, hf_loss, batch, name, idx)) <= 1e-12
 
 
