@@ -2,13 +2,16 @@
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .cache import CacheEntry, checkpoint_digest
+from .distributed import ShardedEngine, join
 from .engine.audit import audit_checkpoint, audit_gradient, audit_loss, select_layers
+from .engine.hdiag import DiagonalEngine
 from .engine.stats import alignment_stats
 from .errors import InputError, UsageError
 from .io.checkpoints import LoadedModel, load_checkpoint
@@ -93,7 +96,8 @@ class Auditor:
     def __init__(self, config: AuditConfig, progress: Progress | None = None):
         config.validate()
         self.config, self.progress = config, progress or Progress()
-        self.device, self.dtype = resolve_device(config.device), set_precision(config.precision)
+        self.dtype = set_precision(config.precision)
+        self.group, self.device = join(resolve_device(config.device))  # torchrun: this rank's group and device
         self.records = read_records(Path(config.data)) if config.data else None
         self.batch: AuditBatch | None = None
         self.model_info: dict | None = None
@@ -130,7 +134,8 @@ class Auditor:
         key = {"checkpoint": self._digests[path], "data": self.batch.fingerprint, "coords": c.coords,
                "seed": c.seed, "precision": c.precision, "task": c.task, "micro_batch": c.micro_batch,
                "model": c.model, "loss": c.loss, "geometry": c.geometry, "dense_max": c.dense_max, "slq": c.slq}
-        entry = CacheEntry(Path(c.cache_dir) if c.cache_dir else None, key)
+        owner = self.group is None or self.group.rank == 0  # rank 0 alone reads and writes the cache
+        entry = CacheEntry(Path(c.cache_dir) if c.cache_dir and owner else None, key)
         if entry.corrupt:
             self.progress.status(f"ignoring a corrupt cache entry for {path}: recomputing")
         return entry
@@ -145,21 +150,25 @@ class Auditor:
         entry = self._cache(ref.path)
         if entry.loss is None:
             entry.save(audit_loss(loaded.model, loaded.loss_fn, micro))
-        return entry.loss
+        return entry.loss if self.group is None else self.group.broadcast(entry.loss)
 
     def audit(self, ref: CheckpointRef, run: str | None = None) -> CheckpointResult:
         """Every selected layer of one checkpoint, reusing and extending its cache entry."""
         loaded, micro = self._load(ref.path)
         entry = self._cache(ref.path)
         loss = entry.loss if entry.loss is not None else audit_loss(loaded.model, loaded.loss_fn, micro)
+        cached = entry.layers
+        if self.group is not None:  # every rank audits what rank 0 found missing from its cache, at its loss
+            loss, cached = self.group.broadcast((loss, cached))
         c = self.config
         result = audit_checkpoint(
             loaded.model, loaded.loss_fn, micro, select_layers(loaded.model, c.layers), coords=c.coords,
             seed=c.seed, topk=c.topk, chunk_size=c.chunk_size, path=str(ref.path), step=ref.step, loss=loss,
             geometry=c.geometry, dense_max=c.dense_max, slq=c.slq,
             across=select_layers(loaded.model, c.across) if c.across else (),
-            cached=entry.layers, on_result=lambda layer: entry.save(loss, layer.to_dict()),
-            on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk)
+            cached=cached, on_result=lambda layer: entry.save(loss, layer.to_dict()),
+            on_layer=self.progress.on_layer, on_chunk=self.progress.on_chunk,
+            make_engine=DiagonalEngine if self.group is None else partial(ShardedEngine, self.group))
         entry.save(loss)
         if c.alignment:
             result = replace(result, layers=self._aligned(ref, loaded, micro, result.layers))
@@ -180,8 +189,10 @@ class Auditor:
     def document(self, command: str, checkpoints: list[CheckpointResult], extra: dict) -> dict:
         _, loaded, micro = self._loaded
         data = self.batch.describe(loaded, micro)
-        return report_document(command, self.config.settings(), self.model_info, data, checkpoints,
-                               self.device, self.dtype) | extra
+        document = report_document(command, self.config.settings(), self.model_info, data, checkpoints,
+                                   self.device, self.dtype) | extra
+        document["environment"]["ranks"] = 1 if self.group is None else self.group.size
+        return document
 
 
 def run_rmed(config: AuditConfig, progress: Progress | None = None) -> dict:

@@ -67,6 +67,19 @@ def handle_errors(ctx: typer.Context):
         raise typer.Exit(INTERNAL_ERROR) from None
 
 
+@contextmanager
+def ranks():
+    """Yields whether this process speaks: under torchrun only rank 0 prints and writes (the others' stderr is
+    quiet); the process group is left when the block ends."""
+    from ..distributed import leave, rank
+
+    stderr.quiet = rank() != 0
+    try:
+        yield rank() == 0
+    finally:
+        leave()
+
+
 def check_json_target(path: str | None) -> None:
     """Fail before the work, not after it, when the report cannot be written."""
     from ..errors import UsageError

@@ -6,7 +6,7 @@ import typer
 
 from . import options as o
 from .common import (FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
-                     emit, handle_errors, progress_bars)
+                     emit, handle_errors, progress_bars, ranks)
 
 
 @app.command()
@@ -77,8 +77,9 @@ def compare(
         spec = CompareConfig((run_a, *(more_a or [])), (run_b, *(more_b or [])), match_loss, tolerance,
                              o.parse_numbers(levels, "--levels", float), reference, metric.value, rank, energy,
                              paired)
-        with progress_bars() as progress:
+        with ranks() as speaks, progress_bars() as progress:
             document = run_compare(config, spec, progress)
-        emit(document, json_path, compare_tables, format and format.value, table)
+        if speaks:
+            emit(document, json_path, compare_tables, format and format.value, table)
         if fail_if_ratio_below is not None:
             gate(document, fail_if_ratio_below)

@@ -6,7 +6,7 @@ import typer
 
 from . import options as o
 from .common import (FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
-                     emit, handle_errors, progress_bars, stderr)
+                     emit, handle_errors, progress_bars, ranks, stderr)
 
 
 @app.command()
@@ -54,11 +54,12 @@ def rmed(
         from ..pipeline import run_rmed
         from ..report.tables import rmed_tables
 
-        with progress_bars() as progress:
+        with ranks() as speaks, progress_bars() as progress:
             document = run_rmed(config, progress)
         if document["model"]["initialised"]:
             stderr.print(f"note: {', '.join(document['model']['initialised'])} not in the checkpoint: "
                          f"initialised from --seed {seed}", highlight=False, soft_wrap=True)
-        emit(document, json_path, rmed_tables, format and format.value, table)
+        if speaks:
+            emit(document, json_path, rmed_tables, format and format.value, table)
         if fail_above is not None:
             gate(document, fail_above, metric.value)

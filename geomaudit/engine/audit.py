@@ -62,6 +62,7 @@ def audit_checkpoint(
     on_result: Callable[[LayerResult], None] | None = None,
     on_layer: Callable[[int, int, str, int], None] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    make_engine: Callable[..., DiagonalEngine] = DiagonalEngine,
 ) -> CheckpointResult:
     """Audit ``layers`` of ``model``: ``coords`` seeded coordinates each (SPEC §1–§2).
 
@@ -75,9 +76,10 @@ def audit_checkpoint(
     is earlier work, reused when its indices are the ones this audit samples. ``on_result`` receives each
     newly computed layer (to save it); ``on_layer(position, count, name, work)`` announces each layer with
     its work in coordinate-passes (coordinates × micro-batches); ``on_chunk(n)`` reports progress inside it.
+    ``make_engine(model, loss_fn, micro_batches, chunk_size)`` builds the engine (a ``ShardedEngine`` under torchrun).
     """
     loss = audit_loss(model, loss_fn, micro_batches) if loss is None else loss
-    engine = DiagonalEngine(model, loss_fn, micro_batches, chunk_size)
+    engine = make_engine(model, loss_fn, micro_batches, chunk_size)
     params = dict(model.named_parameters())
     cached = cached or {}
     results, pooled = [], []

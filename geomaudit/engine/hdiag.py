@@ -122,7 +122,9 @@ class DiagonalEngine:
                                  device=param.device)
 
     def _accumulate(self, name: str, indices: Sequence[int] | Tensor, on_chunk: Callable[[int], None] | None,
-                    keep_columns: bool, across: Sequence[str] = ()) -> "HessianColumns":
+                    keep_columns: bool, across: Sequence[str] = (), rows: range | None = None) -> "HessianColumns":
+        """The Hessian columns at ``indices``; with ``rows`` (positions into ``indices``) only those, the other
+        rows left at exact zeros (a rank's piece of a distributed layer)."""
         named = dict(self.model.named_parameters())
         param = named[name]
         wrt = [param] + [named[n] for n in across if n != name]  # the layer first: its rows lead every column
@@ -142,19 +144,20 @@ class DiagonalEngine:
         if self.chunk_size is None:
             self.chunk_size = DEFAULT_CHUNK["cuda" if param.device.type == "cuda" else "cpu"]
         chunk = None  # set from the layer's first coordinate
+        rows = range(len(idx)) if rows is None else rows
         with only_requires_grad(self.model, *wrt):
-            for mb in self.micro_batches:
+            for mb in self.micro_batches if len(rows) else ():
                 loss = self.loss_fn(self.model, mb.tensors)
                 grad = torch.autograd.grad(loss, param, create_graph=True)[0] if loss.requires_grad else None
                 if grad is None or not grad.requires_grad:  # L_b ignores θ or is linear in it: H = 0
                     if on_chunk:
-                        on_chunk(len(idx))
+                        on_chunk(len(rows))
                     continue
                 flat = grad.reshape(-1)
-                start = 0
-                while start < len(idx):
-                    sel = idx[start:start + (chunk or 1)]
-                    rows = slice(start, start + len(sel))
+                start = rows.start
+                while start < rows.stop:
+                    sel = idx[start:min(rows.stop, start + (chunk or 1))]
+                    at = slice(start, start + len(sel))
                     try:
                         if chunk is None:
                             cols, chunk = self._first_column(flat, wrt if keep_columns else [param], sel)
@@ -170,14 +173,14 @@ class DiagonalEngine:
                             torch.cuda.empty_cache()
                         continue
                     w = mb.weight
-                    diag[rows] += w * cols[torch.arange(len(sel)), sel]
+                    diag[at] += w * cols[torch.arange(len(sel)), sel]
                     if keep_columns:
-                        block[rows] += w * cols[:, idx]
+                        block[at] += w * cols[:, idx]
                         if summed is None:  # one micro-batch: its columns are the layer's
-                            sq_norms[rows] += w ** 2 * (cols[:, :param.numel()] ** 2).sum(1)
-                            sq_across[rows] += w ** 2 * (cols ** 2).sum(1)
+                            sq_norms[at] += w ** 2 * (cols[:, :param.numel()] ** 2).sum(1)
+                            sq_across[at] += w ** 2 * (cols ** 2).sum(1)
                         else:
-                            summed[rows] += w * cols
+                            summed[at] += w * cols
                     del cols
                     start += len(sel)
                     if on_chunk:

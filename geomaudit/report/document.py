@@ -4,7 +4,8 @@ Layout, key by key (the JSON Schema ``report.schema.json`` beside this file is t
 
 - ``schema``: ``"geomaudit.report/1"``; a rename or removal bumps the major number.
 - ``command``, ``created`` (UTC, ISO 8601), ``tool`` {name, version}.
-- ``environment``: python, torch, transformers, numpy versions, ``device``, ``dtype``, ``platform``.
+- ``environment``: python, torch, transformers, numpy versions, ``device``, ``dtype``, ``platform``, ``ranks``
+  (processes that computed it: torchrun's world size, else 1).
 - ``settings``: every option the audit ran with (coords, seed, precision, batch sizes, layer globs …).
 - ``model``: path, format (``huggingface`` | ``state_dict``), class, task, ``initialised``: parameters
   the checkpoint lacked and that were initialised from the seed (a classification head, say).
