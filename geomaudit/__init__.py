@@ -25,6 +25,7 @@ _EXPORTS = {
     "GeometryCallback": "integrations.trainer",
     # errors and their exit codes
     "GeomauditError": "errors", "UsageError": "errors", "InputError": "errors", "ThresholdFailed": "errors",
+    "OutputError": "errors",
 }
 __all__ = list(_EXPORTS)
 

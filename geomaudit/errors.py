@@ -23,3 +23,9 @@ class InputError(GeomauditError):
     """An input is missing, corrupt, or does not fit: checkpoint, data, layer selection, a NaN loss."""
 
     exit_code = 3
+
+
+class OutputError(GeomauditError):
+    """A report, table or plot could not be written: a full or read-only disk, a closed stdout."""
+
+    exit_code = 5

@@ -1,5 +1,7 @@
 """From command-line settings to a report: io → engine → results (no printing here)."""
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -83,11 +85,27 @@ class Progress:
             self.on_status(message)
 
 
+MAX_NEW_LABELS = 100_000
+
+
 def _label_count(records) -> int | None:
+    """Classes of a new classification head: the largest integer label + 1 (at least 2), at most
+    ``MAX_NEW_LABELS`` (one stray huge label would otherwise build a head of that many rows)."""
     labels = records.labels if isinstance(records, TextRecords) else None
-    if not labels or not all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in labels):
+    integer = re.compile(r"-?\d{1,18}")
+    if not labels or not all((isinstance(v, int) and not isinstance(v, bool)) or
+                             (isinstance(v, str) and integer.fullmatch(v)) for v in labels):
         return None
-    return max(2, max(int(v) for v in labels) + 1)
+    largest = max(int(v) for v in labels)
+    if largest >= MAX_NEW_LABELS:
+        raise InputError(f"the data has a label of {_short_int(largest)}: integer labels index the classes "
+                         f"0..n-1 of a classification head, which geomaudit builds with at most {MAX_NEW_LABELS:,}")
+    return max(2, largest + 1)
+
+
+def _short_int(n: int) -> str:
+    text = str(n)
+    return text if len(text) <= 20 else f"{text[:8]}… ({len(text)} digits)"
 
 
 class Auditor:
@@ -221,6 +239,18 @@ class CompareConfig:
     energy: float = 0.9
     paired: bool = False  # run i of A goes with run i of B: per-repeat ratios, interval over repeats and layers
 
+    def validate(self) -> None:
+        if self.reference not in ("a", "b"):
+            raise UsageError(f"--reference must be a or b, got {self.reference!r}")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise UsageError(f"--tolerance is a relative distance, at least 0, got {self.tolerance}")
+        if self.levels is not None and not (self.levels and all(math.isfinite(v) and v > 0 for v in self.levels)):
+            raise UsageError(f"--levels takes positive losses, got {','.join(map(str, self.levels)) or 'none'}")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if not 0 < self.energy <= 1:
+            raise UsageError(f"--energy is a share of the spectrum's energy in (0, 1], got {self.energy}")
+
     def settings(self) -> dict:
         return asdict(self)
 
@@ -255,8 +285,8 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
     """Pair the checkpoints of runs A and B by step or by loss, audit the paired ones on one batch, compare."""
     from .compare import Point, layer_rows, pair_by_loss, pair_by_step, summarize
 
-    if compare.reference not in ("a", "b"):
-        raise UsageError(f"--reference must be a or b, got {compare.reference!r}")
+    compare.validate()
+    config.validate()
     sides = {side: [discover(p, config.steps, config.every) for p in expand_runs(patterns)]
              for side, patterns in (("a", compare.runs_a), ("b", compare.runs_b))}
     if compare.paired and len(sides["a"]) != len(sides["b"]):

@@ -25,6 +25,55 @@ def test_round_trip_and_mismatches(tmp_path):
     assert broken.corrupt and broken.layers == {} and broken.loss is None
 
 
+def _tampered(stored: dict, edit) -> dict:
+    copy = json.loads(json.dumps(stored))
+    edit(copy)
+    return copy
+
+
+EDITS = {  # each edit of a valid entry, and whether the checksum is recomputed after it (a careful forger)
+    "h_diag edited": (lambda e: e["layers"]["w"]["h_diag"].__setitem__(0, 1.5), False),
+    "loss edited": (lambda e: e.update(loss=1.0), False),
+    "loss a string": (lambda e: e.update(loss="abc"), True),
+    "loss a bool": (lambda e: e.update(loss=True), True),
+    "loss null": (lambda e: e.update(loss=None), True),
+    "h_diag a string": (lambda e: e["layers"]["w"].update(h_diag="12"), True),
+    "h_diag holds a bool": (lambda e: e["layers"]["w"].update(h_diag=[True, 2.0]), True),
+    "h_diag shorter": (lambda e: e["layers"]["w"].update(h_diag=[1.0]), True),
+    "indices unsorted": (lambda e: e["layers"]["w"].update(indices=[2, 0]), True),
+    "indices repeated": (lambda e: e["layers"]["w"].update(indices=[2, 2]), True),
+    "index negative": (lambda e: e["layers"]["w"].update(indices=[-1, 2]), True),
+    "index a float": (lambda e: e["layers"]["w"].update(indices=[0, 2.0]), True),
+    "seconds negative": (lambda e: e["layers"]["w"].update(seconds=-1), True),
+    "unknown field": (lambda e: e["layers"]["w"].update(stats={}), True),
+    "geometry without method": (lambda e: e["layers"]["w"].update(geometry={}), True),
+    "no layers": (lambda e: e.update(layers=[]), True),
+    "no checksum": (lambda e: e.pop("sha256"), False),
+    "layer not an object": (lambda e: e["layers"].update(w=[1]), True),
+}
+
+
+def test_a_tampered_entry_is_not_served(tmp_path):
+    from geomaudit.cache import _checksum
+
+    entry = CacheEntry(tmp_path, KEY)
+    entry.save(1.25, LAYER)
+    stored = json.loads(entry.path.read_text())
+    for name, (edit, resign) in EDITS.items():
+        forged = _tampered(stored, edit)
+        if resign:
+            forged["sha256"] = _checksum(forged["key"], forged["loss"], forged["layers"])
+        entry.path.write_text(json.dumps(forged))
+        again = CacheEntry(tmp_path, KEY)
+        assert again.corrupt and again.loss is None and again.layers == {}, name
+    for text in ('{"key": 1, "loss": NaN}', "[" * 100_000, "\udcff", ""):
+        entry.path.write_text(text, errors="surrogateescape")
+        assert CacheEntry(tmp_path, KEY).corrupt, text
+    entry.path.unlink()
+    entry.path.mkdir()  # not a file: ignored when read
+    assert CacheEntry(tmp_path, KEY).corrupt
+
+
 def test_no_root_caches_nothing(tmp_path):
     entry = CacheEntry(None, KEY)
     entry.save(1.0, LAYER)

@@ -14,7 +14,7 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit the local loss geometry an optimizer leads a neural network into "
                        "(Jiang, Malik & Li, NeurIPS 2023).")
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, emoji=False)  # a path or name with :smile: in it stays as it is
 INTERNAL_ERROR = 4
 
 JsonOption = Annotated[str | None, typer.Option("--json", metavar="PATH|-",
@@ -42,9 +42,7 @@ def _root(ctx: typer.Context,
 
 @contextmanager
 def handle_errors(ctx: typer.Context):
-    """Known errors become one sentence on stderr and their exit code; anything else is a bug (exit 4)."""
-    from rich.markup import escape
-
+    """Known errors become one line on stderr and their exit code; anything else is a bug (exit 4)."""
     from ..errors import GeomauditError
 
     debug = bool(ctx.obj and ctx.obj.get("debug"))
@@ -53,7 +51,7 @@ def handle_errors(ctx: typer.Context):
     except GeomauditError as err:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        _error_line("error:", str(err))
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -61,9 +59,7 @@ def handle_errors(ctx: typer.Context):
     except Exception as err:  # a bug: say so, keep the traceback behind --debug
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))} "
-                     "(rerun with --debug for the traceback)",
-                     highlight=False, soft_wrap=True)
+        _error_line("internal error:", f"{type(err).__name__}: {err} (rerun with --debug for the traceback)")
         raise typer.Exit(INTERNAL_ERROR) from None
 
 
@@ -80,21 +76,62 @@ def ranks():
         leave()
 
 
-def check_json_target(path: str | None) -> None:
-    """Fail before the work, not after it, when the report cannot be written."""
-    from ..errors import UsageError
+def _error_line(label: str, message: str) -> None:
+    """``label message`` as one line: the message as plain text (no markup, no emoji codes), its lines joined."""
+    from rich.text import Text
 
-    if path and path != "-" and not Path(path).parent.is_dir():
-        raise UsageError(f"--json {path}: the folder {Path(path).parent} does not exist")
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    stderr.print(Text(label, style="bold red") + Text(" " + one_line), highlight=False, soft_wrap=True)
+
+
+def check_json_target(path: str | None) -> None:
+    """Fail before the work, not after it, when the report cannot be written: ``-`` is stdout (which must be open),
+    anything else a regular file or a new path in a writable folder (``check_target``)."""
+    from ..report.document import check_target
+
+    if path == "-":
+        _stdout()
+    elif path is not None:
+        check_target(path, "--json")
+
+
+def _stdout():
+    """``sys.stdout``, or an ``OutputError`` when the process was started with it closed."""
+    from ..errors import OutputError
+
+    if sys.stdout is None:
+        raise OutputError("stdout is closed: nothing can be printed (give --json PATH)")
+    return sys.stdout
+
+
+def to_stdout(write: Callable[[object], None]) -> None:
+    """Call ``write(stdout)`` and flush; a full disk, a closed pipe or a closed stdout is an ``OutputError``, and
+    stdout is then pointed at the null device so that Python's exit does not complain about it again."""
+    import os
+
+    from ..errors import OutputError
+
+    out = _stdout()
+    try:
+        write(out)
+        out.flush()
+    except (OSError, ValueError) as err:  # ValueError: writing to a closed file
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise OutputError(f"cannot write to stdout: {getattr(err, 'strerror', None) or err}") from None
 
 
 def check_tables(json_path: str | None, format: str | None, table: bool) -> None:
-    """``--table`` and ``--format`` print to stdout, which ``--json -`` holds."""
+    """``--table`` and ``--format`` print to stdout, which ``--json -`` holds; tables need an open stdout."""
     from ..errors import UsageError
 
     if json_path == "-" and (table or format):
         raise UsageError(f"--json - writes the report to stdout, which cannot also hold "
                          f"{'--format ' + format if format else 'the table'}: give --json a file")
+    if not json_path or table or format:
+        _stdout()
 
 
 def emit(document: dict, json_path: str | None, render: Callable[[dict], list], format: str | None = None,
@@ -106,7 +143,8 @@ def emit(document: dict, json_path: str | None, render: Callable[[dict], list], 
     from ..report.document import write_json
 
     if json_path == "-":
-        sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+        text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+        to_stdout(lambda out: out.write(text))
         return
     if json_path:
         write_json(document, json_path)
@@ -119,7 +157,7 @@ def print_tables(grids: list, format: str = "table") -> None:
     """Tables to stdout, laid out to the terminal (or ``$COLUMNS``) without losing a value; or ``md``, ``csv``."""
     from ..report.layout import terminal_width, write
 
-    write(grids, sys.stdout, format, terminal_width(sys.stdout))
+    to_stdout(lambda out: write(grids, out, format, terminal_width(out)))
 
 
 class progress_bars:
@@ -131,7 +169,7 @@ class progress_bars:
         from ..pipeline import Progress as Callbacks
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=stderr, transient=True)
+                            console=stderr, transient=True, disable=not stderr.is_terminal)  # else a blank line
         self.bar.start()
         self.layers = self.bar.add_task("layers", total=None)
         self.coords = self.bar.add_task("", total=None, visible=False)

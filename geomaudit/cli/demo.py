@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import app, handle_errors, print_tables, progress_bars, stderr
+from .common import app, handle_errors, print_tables, progress_bars, stderr, to_stdout
 
 
 @app.command()
@@ -26,6 +26,8 @@ def demo(
         from ..errors import InputError, UsageError
 
         folder = Path(out)
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise UsageError(f"--out {folder} is not a folder: give a new or empty folder")
         if folder.exists() and any(folder.iterdir()):
             raise UsageError(f"--out {folder} is not empty: choose a new folder")
         if steps < 2:
@@ -34,8 +36,7 @@ def demo(
             raise InputError(f"--text {text} does not exist")
         summary = run_demo(folder, steps, device, seed, text, coords)
         print_tables(summary.pop("tables"))
-        for line in summary["lines"]:
-            print(line)
+        to_stdout(lambda stdout: stdout.write("".join(f"{line}\n" for line in summary["lines"])))
 
 
 def run_demo(folder: Path, steps: int, device: str, seed: int, text: str | None, coords: int) -> dict:

@@ -1,6 +1,5 @@
 """``geomaudit report``: re-render a saved JSON report as its tables, or draw it (``--plot``; SPEC §4)."""
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,11 +24,11 @@ def report(
 ):
     """Print a saved report's tables again, or plot it: R_med per layer over steps, matched losses, spectra."""
     with handle_errors(ctx):
-        from ..errors import UsageError
+        from ..report.document import check_target
         from ..report.tables import compare_tables, rmed_tables, svd_tables
 
-        if plot and not Path(plot).parent.is_dir():
-            raise UsageError(f"--plot {plot}: the folder {Path(plot).parent} does not exist")
+        if plot is not None:
+            check_target(plot, "--plot")
         document = read_report(result)
         if plot:
             from ..report.plots import plot_report
@@ -42,27 +41,43 @@ def report(
 
 
 def read_report(path: str) -> dict:
-    """The document at ``path``, checked only for being a geomaudit report this version can read: its
-    ``schema`` field names ``geomaudit.report/N`` with N at most the major version written here, and it holds
-    the section it is rendered from (``svd``, ``compare`` or ``checkpoints``)."""
-    import json
-
+    """The document at ``path`` when it is a geomaudit report this version can read: strict JSON whose
+    ``schema`` field names ``geomaudit.report/N`` with N at most the major version written here, valid against the
+    shipped JSON Schema, and holding the section it is rendered from (``svd``, ``compare`` or ``checkpoints``)."""
     from ..errors import InputError
+    from ..io.files import read_json
 
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path} is not a JSON report ({err})") from None
+    document = read_json(path, "report")
     schema = document.get("schema") if isinstance(document, dict) else None
     major = schema.removeprefix(SCHEMA_PREFIX).split(".")[0] if isinstance(schema, str) else ""
     if not (isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX) and major.isdigit()):
-        raise InputError(f"{path} is not a geomaudit report: its schema field is {schema!r}, not "
+        raise InputError(f"{path} is not a geomaudit report: its schema field is {_shown(schema)}, not "
                          f"{SCHEMA_PREFIX}{READS_MAJOR}")
     if int(major) > READS_MAJOR:
-        raise InputError(f"{path} is a {schema} report from a newer geomaudit; this version reads "
+        raise InputError(f"{path} is a {_shown(schema)} report from a newer geomaudit; this version reads "
                          f"{SCHEMA_PREFIX}{READS_MAJOR}: upgrade geomaudit")
-    if not any(isinstance(document.get(k), list | dict) and document[k] for k in ("svd", "compare", "checkpoints")):
+    problem = schema_problem(document)
+    if problem:
+        raise InputError(f"{path} is not a valid geomaudit report: {problem}")
+    if not any(document.get(k) for k in ("svd", "compare", "checkpoints")):
         raise InputError(f"{path} holds no results: none of its svd, compare or checkpoints sections has any")
     return document
+
+
+def schema_problem(document: dict) -> str | None:
+    """Where and how ``document`` breaks the shipped JSON Schema (the most relevant error), or ``None``."""
+    import jsonschema
+
+    from ..report.document import schema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    if error is None:
+        return None
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    return f"{where or 'the document'}: {_shown(error.message, 160)}"
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = value if isinstance(value, str) and limit > 60 else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 OVERSAMPLE = 10
 _TOLERANCE = 1e-12
 
@@ -163,7 +165,8 @@ def model_spectra(model: nn.Module, names: Sequence[str], *, rank: int | None = 
     """``spectrum_stats`` of each named ≥2-D parameter of ``model``, read as (out, in) by ``as_matrix``.
 
     Each entry holds the layer's ``name``, stored ``shape``, ``matrix_shape``, the ``note`` of ``as_matrix``
-    and the statistics. ``on_layer(position, count, name)`` announces each layer.
+    and the statistics. ``on_layer(position, count, name)`` announces each layer. A weight holding NaN or inf
+    is an ``InputError``.
     """
     params = dict(model.named_parameters())
     results = []
@@ -171,6 +174,8 @@ def model_spectra(model: nn.Module, names: Sequence[str], *, rank: int | None = 
         if on_layer:
             on_layer(position, len(names), name)
         weight = params[name]
+        if not bool(torch.isfinite(weight).all()):
+            raise InputError(f"the weight {name} holds non-finite values (NaN or inf): its spectrum is undefined")
         matrix, note = as_matrix(name, weight, model)
         stats = spectrum_stats(matrix, rank=rank, energy=energy, top=top, exact_max=exact_max)
         results.append({"name": name, "shape": list(weight.shape), "matrix_shape": stats.pop("shape"), "note": note,

@@ -6,7 +6,7 @@ directories or state-dict files whose names carry the step number. A single chec
 """
 
 import glob
-import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, UsageError
+from .files import read_json
 
 STATE_FILE = "trainer_state.json"
 FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
@@ -52,6 +53,8 @@ def discover(path: str | os.PathLike, steps: Sequence[int] | None = None, every:
     root = Path(path)
     if not root.exists():
         raise InputError(f"checkpoint or run {root} does not exist")
+    if not (root.is_file() or root.is_dir()):
+        raise InputError(f"checkpoint or run {root} is neither a regular file nor a folder")
     if root.is_file() or ((root / "config.json").is_file() and not _trainer_checkpoints(root)):
         found = {_lone_step(root): root}
     else:
@@ -59,7 +62,12 @@ def discover(path: str | os.PathLike, steps: Sequence[int] | None = None, every:
     loss_log = _loss_log(root, found)
     losses = _read_losses(loss_log) if loss_log else {}
     refs = tuple(CheckpointRef(p, s, losses.get(s)) for s, p in sorted(found.items(), key=lambda kv: kv[0] or 0))
-    return Trajectory(root, _select(refs, steps, every), loss_log)
+    refs = _select(refs, steps, every)
+    for ref in refs:
+        if ref.logged_loss is not None and not math.isfinite(ref.logged_loss):
+            raise InputError(f"{loss_log} logs a training loss of {ref.logged_loss} at step {ref.step}: the run "
+                             "diverged there; pick earlier checkpoints with --steps")
+    return Trajectory(root, refs, loss_log)
 
 
 def expand_runs(patterns: Sequence[str]) -> list[Path]:
@@ -102,7 +110,7 @@ def _children(root: Path) -> dict[int, Path]:
         if child.is_dir():
             usable = CHECKPOINT_DIR.fullmatch(child.name) or (child / "config.json").is_file()
         else:
-            usable = child.suffix in FILE_SUFFIXES
+            usable = child.is_file() and child.suffix in FILE_SUFFIXES
         if not usable:
             continue
         if step in found:
@@ -127,13 +135,28 @@ def _loss_log(root: Path, found: dict[int | None, Path]) -> Path | None:
 
 
 def _read_losses(path: Path) -> dict[int, float]:
-    """Step → training loss from the ``log_history`` entries that carry both."""
-    try:
-        history = json.loads(path.read_text(encoding="utf-8")).get("log_history", [])
-        return {int(e["step"]): float(e["loss"]) for e in history if "loss" in e and "step" in e}
-    except (ValueError, TypeError, AttributeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"{path} is not a valid trainer_state.json ({reason})") from err
+    """Step → training loss from the ``log_history`` entries that carry both. The Trainer writes ``NaN`` for a
+    diverged step, so non-finite losses are read (and refused only where a picked checkpoint has one)."""
+    state = read_json(path, "trainer state", allow_nan=True)
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+        raise InputError(f"{path} is not a valid trainer_state.json: log_history is not a list of objects")
+    losses = {}
+    for entry in history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        step, loss = entry["step"], entry["loss"]
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise InputError(f"{path} is not a valid trainer_state.json: a step of {_shown(step)} in log_history")
+        if not (isinstance(loss, int | float) and not isinstance(loss, bool)):
+            raise InputError(f"{path} is not a valid trainer_state.json: a loss of {_shown(loss)} at step {step}")
+        losses[step] = float(loss)
+    return losses
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def _select(refs: tuple[CheckpointRef, ...], steps: Sequence[int] | None,

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import stat
 import sys
 import tempfile
 from collections.abc import Callable
@@ -68,18 +69,58 @@ def report_document(command: str, settings: dict, model: dict, data: dict,
     }
 
 
+def check_target(path: str | os.PathLike, option: str = "the output") -> None:
+    """Refuse an output path that writing would harm or that cannot be written, before any work is done.
+
+    ``path`` must be a new name or an existing regular file, in a folder that exists and is writable. A device
+    (``/dev/null``), a pipe, a folder or a symbolic link is refused rather than replaced by a file.
+    """
+    from ..errors import OutputError, UsageError
+
+    target = Path(path)
+    if not str(path) or target.name in ("", ".", ".."):
+        raise UsageError(f"{option} {path}: give a file name")
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:
+        raise UsageError(f"{option} {path}: {err.strerror or err}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise UsageError(f"{option} {path} is {kind}: give a regular file or a new path")
+    folder = target.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: the folder {folder} is not writable")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` atomically: ``write`` fills a temporary file in the same folder, which is then renamed, so a
-    failure leaves no partial file. The file gets the usual permissions (0666 less the umask)."""
+    failure leaves no partial file. The file gets the usual permissions (0666 less the umask). The target is
+    checked again (``check_target``) right before the rename, so a device or a link put there meanwhile is not
+    replaced. A failure to write (a full or read-only disk) is an ``OutputError``."""
+    from ..errors import OutputError
+
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    check_target(target)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputError(f"cannot write {target}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        check_target(target)
         os.replace(tmp, target)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {err.strerror or err}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

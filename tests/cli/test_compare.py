@@ -203,6 +203,13 @@ def test_compare_errors(trainer_runs, tmp_path):
     assert "--reference must be a or b" in run("compare", a, b, "--reference", "c", *FAST, code=2).stderr
     assert "--loss-from must be one of" in run("compare", a, b, "--loss-from", "x", *FAST, code=2).stderr
     assert "comma-separated numbers" in run("compare", a, b, "--levels", "low", *FAST, code=2).stderr
+    for option, value, phrase in (("--tolerance", "-1", "--tolerance is a relative distance, at least 0"),
+                                  ("--tolerance", "nan", "--tolerance is a relative distance"),
+                                  ("--levels", "0.5,-1", "--levels takes positive losses, got 0.5,-1.0"),
+                                  ("--levels", "inf", "--levels takes positive losses"),
+                                  ("--energy", "0", "--energy is a share"), ("--rank", "0", "--rank must be")):
+        result = run("compare", a, b, "--match-loss", option, value, *FAST, code=2)
+        assert phrase in result.stderr and "loading" not in result.stderr  # before any checkpoint is read
 
 
 def test_runs_without_a_common_step(trainer_runs, tiny_gpt2_dir):

@@ -44,6 +44,12 @@ def test_demo_errors(tmp_path):
     (tmp_path / "short.txt").write_text("too short to train on\n")
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "e"), "--text", str(tmp_path / "short.txt")])
     assert result.exit_code == 3 and "too short to train on" in result.stderr
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "empty-dir")
+    (tmp_path / "empty-dir").mkdir()
+    for out in (tmp_path / "file", tmp_path / "link"):
+        result = runner.invoke(app, ["demo", "--out", str(out)])
+        assert result.exit_code == 2 and f"--out {out} is not a folder" in result.stderr
 
 
 def test_summary_sentences():

@@ -148,6 +148,10 @@ def test_classifier_needs_labels_in_range(tiny_bert_dir, tmp_path):
     fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "far.jsonl")], 3, "labels outside 0..1")
     (tmp_path / "words.jsonl").write_text('{"text": "a b", "label": "maybe"}\n')
     fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "words.jsonl")], 3, "neither an integer")
+    (tmp_path / "huge.jsonl").write_text('{"text": "a b", "label": 0}\n' * 40 + '{"text": "c", "label": 1000000000000}\n')
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "huge.jsonl")], 3,
+         "the data has a label of 1000000000000: integer labels index the classes 0..n-1 of a classification head, "
+         "which geomaudit builds with at most 100,000")
 
 
 def test_classifier_without_data(tiny_bert_dir):

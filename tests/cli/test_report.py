@@ -96,17 +96,51 @@ def test_plot_into_a_missing_folder_is_a_usage_error(reports, tmp_path):
 
 
 @pytest.mark.parametrize("content, phrase", [
-    (None, "no such file"),
-    ("{not json", "is not a JSON report"),
+    (None, "does not exist"),
+    ("{not json", "is not valid JSON"),
+    ("[" * 100_000, "nested too deeply"),
+    ('{"schema": "geomaudit.report/1", "x": NaN}', "NaN is not a JSON number"),
+    ('{"schema": "geomaudit.report/1", "x": 1e999}', "1e999 is too large for a float"),
+    (b"\xff\xfe", "is not UTF-8 text"),
     ("[1, 2]", "is not a geomaudit report"),
     ('{"schema": "lm-eval/1", "results": {}}', "is not a geomaudit report"),
     ('{"schema": "geomaudit.report/2", "command": "rmed", "checkpoints": [{}]}', "from a newer geomaudit"),
-    ('{"schema": "geomaudit.report/1", "command": "rmed", "checkpoints": []}', "holds no results"),
+    ('{"schema": "geomaudit.report/1", "command": "rmed", "checkpoints": []}', "'data' is a required property"),
 ])
 def test_a_file_that_is_not_a_readable_report_is_an_input_error(tmp_path, content, phrase):
     path = tmp_path / "result.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     result = run("report", str(path), code=3)
     assert phrase in result.stderr and result.stderr.count("\n") == 1
 
+
+
+@pytest.mark.parametrize("edit, phrase", [
+    (lambda d: d["checkpoints"][0]["layers"][0].update(h_diag="x" * 10_000), "layers[0].h_diag: 'xxxx"),
+    (lambda d: d["checkpoints"][0].pop("layers"), "checkpoints[0]: 'layers' is a required property"),
+    (lambda d: d.update(command="plot"), "command: 'plot' is not one of"),
+    (lambda d: d["checkpoints"][0]["layers"][0]["stats"].update(r_med="big"), "stats.r_med: 'big' is not of type"),
+    (lambda d: d.update(checkpoints=[{}] * 3), "'path' is a required property"),
+])
+def test_a_report_that_breaks_the_schema_is_an_input_error_saying_where(reports, tmp_path, edit, phrase):
+    document = json.loads(open(reports["rmed-run"][0]).read())
+    edit(document)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(document))
+    result = run("report", str(path), code=3)
+    assert f"{path} is not a valid geomaudit report: " in result.stderr and phrase in result.stderr
+    assert result.stderr.count("\n") == 1 and len(result.stderr) < 400
+
+
+def test_a_device_is_not_read_as_a_report():
+    assert "is not a regular file" in run("report", "/dev/zero", code=3).stderr
+
+
+def test_a_valid_report_without_results_is_an_input_error(reports, tmp_path):
+    document = json.loads(open(reports["rmed-run"][0]).read()) | {"checkpoints": []}
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps(document))
+    assert "holds no results" in run("report", str(path), code=3).stderr

@@ -169,3 +169,17 @@ def test_missing_checkpoint_is_an_input_error(tmp_path):
 
 def test_json_folder_must_exist_before_the_work(tiny_gpt2_dir, tmp_path):
     fail([str(tiny_gpt2_dir), "--json", str(tmp_path / "no" / "r.json")], 2, "does not exist")
+
+
+def test_non_finite_weights_are_an_input_error(tiny_gpt2_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan"
+    shutil.copytree(tiny_gpt2_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.weight"][1, 2] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    fail([str(broken), "--layers", "*mlp*"], 3,
+         "the weight transformer.h.0.mlp.c_fc.weight holds non-finite values (NaN or inf): its spectrum is undefined")

@@ -119,13 +119,36 @@ def test_duplicate_steps(tmp_path):
         discover(tmp_path)
 
 
-@pytest.mark.parametrize("text", ["{oops", "[1, 2]", '{"log_history": 3}',
-                                  '{"log_history": [{"step": "x", "loss": 1}]}'])
+@pytest.mark.parametrize("text", ["{oops", "[1, 2]", '{"log_history": 3}', '{"log_history": {"loss": 1}}',
+                                  '{"log_history": [{"step": "x", "loss": 1}]}', '{"log_history": [3]}',
+                                  '{"log_history": [{"step": 1.5, "loss": 1}]}',
+                                  '{"log_history": [{"step": 1e999, "loss": 1}]}',
+                                  '{"log_history": [{"step": 1, "loss": "abc"}]}',
+                                  '{"log_history": [{"step": 1, "loss": true}]}', "[" * 100_000])
 def test_corrupt_trainer_state(tmp_path, text):
     _touch(tmp_path, "checkpoint-1/config.json")
     (tmp_path / "trainer_state.json").write_text(text)
-    with pytest.raises(InputError, match="trainer_state.json is not a valid trainer_state.json"):
+    with pytest.raises(InputError, match="trainer_state.json is not (a )?valid"):
         discover(tmp_path)
+
+
+def test_a_diverged_step_is_refused_before_the_audit_only_where_picked(tmp_path):
+    """The Trainer logs NaN for a diverged step; a report cannot hold it, so a picked step with one is refused."""
+    _touch(tmp_path, "checkpoint-1/config.json", "checkpoint-2/config.json")
+    (tmp_path / "trainer_state.json").write_text(
+        '{"log_history": [{"step": 1, "loss": 2.5}, {"step": 2, "loss": NaN}]}')
+    assert [r.logged_loss for r in discover(tmp_path, steps=[1]).checkpoints] == [2.5]
+    with pytest.raises(InputError, match="logs a training loss of nan at step 2: the run diverged"):
+        discover(tmp_path)
+
+
+def test_a_device_or_a_link_to_one_is_not_a_checkpoint(tmp_path):
+    """A run folder entry named like a checkpoint that points at /dev/zero is skipped, never read (it would hang)."""
+    _touch(tmp_path, "step_1.pt")
+    (tmp_path / "step_2.pt").symlink_to("/dev/zero")
+    assert [r.step for r in discover(tmp_path).checkpoints] == [1]
+    with pytest.raises(InputError, match="neither a regular file nor a folder"):
+        discover("/dev/zero")
 
 
 def test_expand_runs_order(trainer_runs):
