@@ -5,7 +5,6 @@ import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
-from pathlib import Path
 from typing import Annotated
 
 import typer
