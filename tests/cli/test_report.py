@@ -75,7 +75,8 @@ def test_plot_of_a_compare_without_comparable_layers(reports, tmp_path):
     first["layers"], first["summary"]["n_layers"] = [], 0
     for row in second["layers"]:
         row["a_mean"] = row["ratio"] = None
-    second["summary"] = dict.fromkeys(second["summary"], None) | {"n_layers": 0}
+    second["summary"] = dict.fromkeys(second["summary"], None) | {"n_layers": 0,
+                                                                   "n_repeats": second["summary"]["n_repeats"]}
     path, out = tmp_path / "c.json", tmp_path / "c.png"
     path.write_text(json.dumps(document))
     run("report", str(path), "--plot", str(out))
