@@ -19,8 +19,6 @@ from .errors import InputError
 from .io.files import read_json
 from .report.document import write_json
 
-MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
-
 
 def default_cache_dir() -> Path:
     """``$GEOMAUDIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/geomaudit``, else ``~/.cache/geomaudit``."""
@@ -30,8 +28,12 @@ def default_cache_dir() -> Path:
 
 
 def checkpoint_digest(path: Path) -> str:
-    """sha256 over the names and bytes of the files that define the model (a file, or a directory's model files)."""
-    files = [path] if path.is_file() else sorted({f for pattern in MODEL_FILES for f in path.glob(pattern)})
+    """sha256 over the names and bytes of the files that define the model: a file, or the files its folder's kind
+    loads (``io.formats.model_files``: an adapter's include its base model's; Accelerate's random states and
+    optimizer state are left out)."""
+    from .io.formats import model_files
+
+    files = model_files(path)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")

@@ -57,6 +57,7 @@ class AuditConfig:
     slq: bool = False
     across: tuple[str, ...] = ()
     alignment: bool = False
+    merge: bool = False
 
     def validate(self) -> None:
         for name in ("coords", "topk", "batch_size", "micro_batch", "max_length", "chunk_size", "dense_max"):
@@ -130,7 +131,8 @@ class Auditor:
         self.progress.status(f"loading {path}")
         labelled = records is not None and has_labels(records)
         loaded = load_checkpoint(path, task=c.task, has_labels=labelled, num_labels=_label_count(records),
-                                 factory=c.model, loss=c.loss, allow_pickle=c.allow_pickle, seed=c.seed)
+                                 factory=c.model, loss=c.loss, allow_pickle=c.allow_pickle, seed=c.seed,
+                                 merge=c.merge)
         if self.batch is None:
             source = c.data
             if records is None:
@@ -151,7 +153,8 @@ class Auditor:
             self._digests[path] = checkpoint_digest(path)
         key = {"checkpoint": self._digests[path], "data": self.batch.fingerprint, "coords": c.coords,
                "seed": c.seed, "precision": c.precision, "task": c.task, "micro_batch": c.micro_batch,
-               "model": c.model, "loss": c.loss, "geometry": c.geometry, "dense_max": c.dense_max, "slq": c.slq}
+               "model": c.model, "loss": c.loss, "geometry": c.geometry, "dense_max": c.dense_max, "slq": c.slq,
+               "merge": c.merge}
         owner = self.group is None or self.group.rank == 0  # rank 0 alone reads and writes the cache
         entry = CacheEntry(Path(c.cache_dir) if c.cache_dir and owner else None, key)
         if entry.corrupt:

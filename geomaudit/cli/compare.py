@@ -64,6 +64,7 @@ def compare(
     slq: o.Slq = False,
     across: o.Across = None,
     alignment: o.Alignment = False,
+    merge: o.Merge = False,
 ):
     """Per-layer R_med of runs A and B, their ratio, and a summary per pair of checkpoints."""
     with handle_errors(ctx):

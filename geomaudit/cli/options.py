@@ -73,6 +73,8 @@ Across = Annotated[list[str] | None, typer.Option("--across", help="With --smed:
                    "columns are taken together, for r_diag across layers (Fig. 15); repeat for several.")]
 Alignment = Annotated[bool, typer.Option("--alignment", help="Also how the true gradient and Adam's step align "
                       "with |H_ii| (App. A.6; reads the checkpoint's optimizer.pt).")]
+Merge = Annotated[bool, typer.Option("--merge", help="For a PEFT adapter folder: audit the base model with the "
+                 "adapter merged into its weights, instead of the adapter's own tensors.")]
 DenseMax = Annotated[int, typer.Option(help="With --smed: layers of at most this many entries get the dense "
                      "Hessian block; larger ones the submatrix of the sampled coordinates.")]
 
@@ -111,4 +113,4 @@ def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
                        o["max_length"], o["seed"], o["device"], o["precision"].value, o["task"].value, o["model"],
                        o["loss"], o["allow_pickle"], o["chunk_size"], parse_numbers(o["steps"], "--steps"),
                        o["every"], loss_from, cache, o["smed"], o["dense_max"], o["slq"],
-                       tuple(o["across"] or ()), o["alignment"])
+                       tuple(o["across"] or ()), o["alignment"], o["merge"])

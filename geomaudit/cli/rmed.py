@@ -42,6 +42,7 @@ def rmed(
     slq: o.Slq = False,
     across: o.Across = None,
     alignment: o.Alignment = False,
+    merge: o.Merge = False,
     fail_above: Annotated[float | None, typer.Option(help="Exit 1 when a layer's --metric is above this "
                                                           "(a CI gate).")] = None,
 ):

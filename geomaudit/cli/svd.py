@@ -40,12 +40,14 @@ def svd(
     every: o.Every = None,
     model: o.Model = None,
     allow_pickle: o.AllowPickle = False,
+    merge: o.Merge = False,
 ):
     """Singular spectrum, effective rank, low-rank flag, R_u and R_v per weight matrix (no data needed)."""
     with handle_errors(ctx):
         check_json_target(json_path)
         check_tables(json_path, format and format.value, table)
-        settings = svd_settings(layers or [], rank, energy, o.parse_numbers(steps, "--steps"), every, model)
+        settings = svd_settings(layers or [], rank, energy, o.parse_numbers(steps, "--steps"), every, model,
+                                merge)
         from ..report.tables import svd_tables
 
         with progress_bars() as progress:
@@ -57,7 +59,7 @@ def svd(
 
 
 def svd_settings(layers: list[str], rank: int | None, energy: float | None, steps: tuple[int, ...] | None,
-                 every: int | None, model: str | None) -> dict:
+                 every: int | None, model: str | None, merge: bool = False) -> dict:
     """The report's ``settings``; ``energy`` is ``null`` when ``--rank`` fixes k."""
     from ..errors import UsageError
 
@@ -70,7 +72,7 @@ def svd_settings(layers: list[str], rank: int | None, energy: float | None, step
     return {"layers": list(layers), "rank": rank,
             "energy": None if rank is not None else (DEFAULT_ENERGY if energy is None else energy),
             "top": TOP, "exact_max": EXACT_MAX, "steps": None if steps is None else list(steps), "every": every,
-            "model": model}
+            "model": model, "merge": merge}
 
 
 def run_svd(checkpoint: str, settings: dict, allow_pickle: bool, progress) -> dict:
@@ -86,7 +88,8 @@ def run_svd(checkpoint: str, settings: dict, allow_pickle: bool, progress) -> di
     for ref in trajectory.checkpoints:
         progress.status(f"loading {ref.path}")
         # has_labels: a headless Hugging Face model loads with a seeded head, left out below
-        loaded = load_checkpoint(ref.path, has_labels=True, factory=settings["model"], allow_pickle=allow_pickle)
+        loaded = load_checkpoint(ref.path, has_labels=True, factory=settings["model"], allow_pickle=allow_pickle,
+                                 merge=settings["merge"])
         model_info = model_info or loaded.describe()
         params = dict(loaded.model.named_parameters())
         names = [n for n in select_layers(loaded.model, settings["layers"]) if n not in loaded.initialised]

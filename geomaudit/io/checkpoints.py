@@ -4,8 +4,12 @@ The kinds of checkpoint are the rows of ``CHECKPOINT_KINDS``, tried in order:
 - ``huggingface``: a ``save_pretrained`` directory (safetensors, sharded safetensors, or
   ``pytorch_model.bin`` read with ``weights_only=True``), loaded with eager attention and no remote code;
   its task (a row of ``tasks.TASKS``) comes from its architecture, or from ``--task``;
-- ``state_dict``: a plain state-dict file (``.safetensors``, ``.pt``/``.bin``, a Lightning ``.ckpt``) with
+- ``peft-adapter`` (tried first): a PEFT adapter folder, audited on its base model (``adapters.py``);
+- ``state_dict``: a plain state-dict file (``.safetensors``, ``.pt``/``.bin``, a Lightning ``.ckpt``), an
+  Accelerate ``save_state`` or a ``torch.distributed.checkpoint`` folder (``formats.py``), with
   ``--model module:factory`` and optionally ``--loss module:fn``.
+
+A path that does not exist may be a hub id in the local Hugging Face cache (``hub.locate``).
 """
 
 import importlib
@@ -41,6 +45,7 @@ class LoadedModel:
     tokenizer: object | None = None
     initialised: list[str] = field(default_factory=list)
     custom_loss: LossFn | None = None
+    base: str | None = None  # the base model folder of a PEFT adapter
 
     def loss_fn(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """The audited loss of ``batch``: a scalar mean."""
@@ -72,7 +77,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         return {"path": self.path, "format": self.format, "class": type(self.model).__name__,
-                "task": self.task.name, "initialised": self.initialised}
+                "task": self.task.name, "initialised": self.initialised, "base": self.base}
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class LoadOptions:
     loss: str | None = None
     allow_pickle: bool = False
     seed: int = 0
+    merge: bool = False  # a PEFT adapter merged into its base model
 
 
 @dataclass(frozen=True)
@@ -103,18 +109,24 @@ def load_checkpoint(path: str | os.PathLike, **options) -> LoadedModel:
     Parameters a head needs but the checkpoint lacks are initialised from ``seed`` and listed in
     ``LoadedModel.initialised``.
     """
-    p, opts = Path(path), LoadOptions(**options)
-    if not p.exists():
-        raise InputError(f"checkpoint {p} does not exist")
+    from .formats import folder_kind
+    from .hub import locate
+
+    p, opts = locate(path, "checkpoint"), LoadOptions(**options)
+    if opts.merge and folder_kind(p) != "peft-adapter":
+        raise UsageError(f"--merge merges a PEFT adapter into its base model, but {p} is not an adapter folder")
     if opts.task != "auto" and opts.task not in TASKS:
         raise UsageError(f"--task must be one of auto, {', '.join(TASKS)}, got {opts.task!r}")
     for kind in CHECKPOINT_KINDS:
         if kind.matches(p, opts):
             return kind.load(p, opts)
     if opts.factory is not None:
-        raise UsageError(f"--model takes a state-dict file, but {p} is a directory")
-    if p.is_file():
-        raise UsageError(f"{p} is a plain state dict: say which model it belongs to with --model module:factory")
+        raise UsageError(f"--model takes a state dict (a file, an Accelerate save_state or a "
+                         f"torch.distributed.checkpoint folder), but {p} is a directory")
+    if p.is_file() or folder_kind(p) in STATE_DICT_FOLDERS:
+        what = "a plain state dict" if p.is_file() else f"{STATE_DICT_FOLDERS[folder_kind(p)]} (weights without " \
+                                                        "config.json)"
+        raise UsageError(f"{p} is {what}: say which model it belongs to with --model module:factory")
     raise InputError(f"{p} is not a Hugging Face checkpoint directory (it has no config.json)")
 
 
@@ -156,14 +168,39 @@ def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
                 output_loading_info=True)
     except Exception as err:
         raise InputError(f"cannot load the checkpoint {path}: {_first_line(err)}") from err
-    tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                                   trust_remote_code=False)
-        except Exception as err:
-            raise InputError(f"cannot load the tokenizer in {path}: {_first_line(err)}") from err
-    return LoadedModel(model.eval(), task, str(path), "huggingface", tokenizer, sorted(info["missing_keys"]))
+    return LoadedModel(model.eval(), task, str(path), "huggingface", load_tokenizer(path),
+                       sorted(info["missing_keys"]))
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in ``path``, or None when the folder has no tokenizer files."""
+    import transformers
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as err:
+        raise InputError(f"cannot load the tokenizer in {path}: {_first_line(err)}") from err
+
+
+# ---------------------------------------------------------------- PEFT adapters on their base model
+
+def _is_adapter(path: Path, opts: LoadOptions) -> bool:
+    from .formats import folder_kind
+
+    return folder_kind(path) == "peft-adapter"
+
+
+def _load_adapter(path: Path, opts: LoadOptions) -> LoadedModel:
+    from dataclasses import replace
+
+    from .adapters import adapter_task, apply_adapter, base_model
+
+    if opts.factory is not None or opts.loss is not None:
+        raise UsageError(f"{path} is a PEFT adapter: it names its base model, so --model and --loss do not apply")
+    base = _load_hf(base_model(path), replace(opts, task=adapter_task(path, opts.task)))
+    return apply_adapter(base, path, merge=opts.merge, allow_pickle=opts.allow_pickle)
 
 
 def _pickled_state(path: Path, allow_pickle: bool) -> dict[str, Tensor] | None:
@@ -182,8 +219,14 @@ def _pickled_state(path: Path, allow_pickle: bool) -> dict[str, Tensor] | None:
 
 # ---------------------------------------------------------------- plain state dicts with --model
 
+STATE_DICT_FOLDERS = {"accelerate": "an Accelerate save_state folder",
+                      "distcp": "a torch.distributed.checkpoint folder"}
+
+
 def _is_state_dict_file(path: Path, opts: LoadOptions) -> bool:
-    return opts.factory is not None and path.is_file()
+    from .formats import folder_kind
+
+    return opts.factory is not None and (path.is_file() or folder_kind(path) in STATE_DICT_FOLDERS)
 
 
 def _load_state_dict_model(path: Path, opts: LoadOptions) -> LoadedModel:
@@ -197,7 +240,10 @@ def _load_state_dict_model(path: Path, opts: LoadOptions) -> LoadedModel:
         raise InputError(f"the state dict {path} does not fit the model from --model {opts.factory}: "
                          f"{_first_line(err, skip_header=True)}") from err
     custom_loss = import_object(opts.loss, "--loss") if opts.loss else None
-    return LoadedModel(model.float().eval(), _own_task(model), str(path), "state_dict", custom_loss=custom_loss)
+    from .formats import folder_kind
+
+    return LoadedModel(model.float().eval(), _own_task(model), str(path), folder_kind(path) or "state_dict",
+                       custom_loss=custom_loss)
 
 
 def _own_task(model: nn.Module) -> Task:
@@ -221,7 +267,12 @@ def _torch_load(path: Path, allow_pickle: bool):
 
 
 def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch-saved dict (a Lightning ``state_dict`` key is unwrapped)."""
+    """Tensors of a ``.safetensors`` file, of a torch-saved dict (a Lightning ``state_dict`` key is unwrapped), or
+    of an Accelerate ``save_state`` or ``torch.distributed.checkpoint`` folder."""
+    if path.is_dir():
+        from .formats import read_folder_state
+
+        return read_folder_state(path, allow_pickle)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -286,6 +337,7 @@ def _first_line(err: BaseException, skip_header: bool = False) -> str:
 
 
 CHECKPOINT_KINDS: tuple[CheckpointKind, ...] = (
+    CheckpointKind("peft-adapter", _is_adapter, _load_adapter),
     CheckpointKind("huggingface", _is_hf_dir, _load_hf),
     CheckpointKind("state_dict", _is_state_dict_file, _load_state_dict_model),
 )

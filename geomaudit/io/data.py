@@ -101,6 +101,8 @@ def read_records(path: Path) -> TextRecords | dict[str, Tensor]:
     """Raw examples of a data file: text records, or a dict of tensors (the first format that takes it)."""
     if not path.exists():
         raise InputError(f"data file {path} does not exist")
+    if path.is_dir() and not _is_dataset_folder(path):
+        raise InputError(f"the data folder {path} is not a datasets save_to_disk folder (no state.json)")
     for fmt in DATA_FORMATS:
         if fmt.matches(path):
             return fmt.read(path)
@@ -123,8 +125,23 @@ def _read_lines(path: Path) -> TextRecords:
     return TextRecords([ln for ln in _text_of(path).splitlines() if ln.strip()], None)
 
 
-def _read_jsonl(path: Path) -> TextRecords:
-    return _text_rows(path, _jsonl_rows(path, _text_of(path)))
+def _read_jsonl(path: Path) -> TextRecords | dict[str, Tensor]:
+    return _rows(path, _jsonl_rows(path, _text_of(path)))
+
+
+def _read_table(path: Path) -> TextRecords | dict[str, Tensor]:
+    from .tables import read_rows
+
+    return _rows(path, read_rows(path))
+
+
+def _rows(path: Path, rows: list[dict]) -> TextRecords | dict[str, Tensor]:
+    """Pre-tokenized rows (an ``input_ids`` field, used as they are) as tensors; else text records."""
+    from .tables import rows_to_tensors
+
+    if rows and all("input_ids" in r for r in rows):
+        return rows_to_tensors(rows, str(path))
+    return _text_rows(path, rows)
 
 
 def _read_csv(path: Path) -> TextRecords:
@@ -241,4 +258,13 @@ DATA_FORMATS: tuple[DataFormat, ...] = (
     DataFormat(".csv", _suffix(".csv"), _read_csv),
     DataFormat(".txt", _suffix(".txt"), _read_lines),
     DataFormat(".safetensors/.pt/.bin", _suffix(".safetensors", ".pt", ".bin"), _read_tensors),
+    DataFormat(".json", _suffix(".json"), _read_table),
+    DataFormat(".parquet", _suffix(".parquet"), _read_table),
+    DataFormat("a datasets save_to_disk folder", lambda path: _is_dataset_folder(path), _read_table),
 )
+
+
+def _is_dataset_folder(path: Path) -> bool:
+    from .tables import is_dataset_folder
+
+    return is_dataset_folder(path)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..errors import InputError, UsageError
 from .files import read_json
+from .formats import folder_kind
+from .hub import is_hub_id, locate
 
 STATE_FILE = "trainer_state.json"
 FILE_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
@@ -46,16 +48,15 @@ class Trajectory:
 def discover(path: str | os.PathLike, steps: Sequence[int] | None = None, every: int | None = None) -> Trajectory:
     """The checkpoints under ``path``, optionally only ``steps`` or the steps divisible by ``every``.
 
-    ``path`` is one checkpoint (a file, or a directory with config.json) or a directory of them; a child's
+    ``path`` is one checkpoint (a file, a folder of a kind in ``formats.FOLDER_KINDS``, or a hub id in the local
+    Hugging Face cache) or a directory of them; a child's
     step is the last integer in its name (``epoch3-step1200.ckpt`` is step 1200). A Trainer output_dir where
     ``save_model`` put the final model at the root is still a run: its ``checkpoint-<step>/`` directories count.
     """
-    root = Path(path)
-    if not root.exists():
-        raise InputError(f"checkpoint or run {root} does not exist")
+    root = locate(path)
     if not (root.is_file() or root.is_dir()):
         raise InputError(f"checkpoint or run {root} is neither a regular file nor a folder")
-    if root.is_file() or ((root / "config.json").is_file() and not _trainer_checkpoints(root)):
+    if root.is_file() or (folder_kind(root) and not _trainer_checkpoints(root)):
         found = {_lone_step(root): root}
     else:
         found = _children(root)
@@ -75,6 +76,8 @@ def expand_runs(patterns: Sequence[str]) -> list[Path]:
     runs, seen = [], set()
     for pattern in patterns:
         matches = [pattern] if Path(pattern).exists() else sorted(glob.glob(os.fspath(pattern)))
+        if not matches and is_hub_id(pattern):
+            matches = [locate(pattern, "run")]
         if not matches:
             raise InputError(f"run {pattern} matches no file or directory")
         for match in map(Path, matches):
@@ -108,7 +111,7 @@ def _children(root: Path) -> dict[int, Path]:
         if step is None:
             continue
         if child.is_dir():
-            usable = CHECKPOINT_DIR.fullmatch(child.name) or (child / "config.json").is_file()
+            usable = CHECKPOINT_DIR.fullmatch(child.name) or folder_kind(child)
         else:
             usable = child.is_file() and child.suffix in FILE_SUFFIXES
         if not usable:

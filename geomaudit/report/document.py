@@ -7,8 +7,9 @@ Layout, key by key (the JSON Schema ``report.schema.json`` beside this file is t
 - ``environment``: python, torch, transformers, numpy versions, ``device``, ``dtype``, ``platform``, ``ranks``
   (processes that computed it: torchrun's world size, else 1).
 - ``settings``: every option the audit ran with (coords, seed, precision, batch sizes, layer globs …).
-- ``model``: path, format (``huggingface`` | ``state_dict``), class, task, ``initialised``: parameters
-  the checkpoint lacked and that were initialised from the seed (a classification head, say).
+- ``model``: path, format (``huggingface`` | ``state_dict`` | ``accelerate`` | ``distcp`` | ``peft-adapter`` |
+  ``peft-merged``), class, task, ``initialised``: parameters the checkpoint lacked and that were initialised
+  from the seed (a classification head, say), ``base``: the base model folder of a PEFT adapter (else null).
 - ``data``: source, ``fingerprint`` (sha256 of the batch tensors), examples, shapes, ``loss_items``.
 - ``checkpoints``: one entry per audited checkpoint: path, step, the audit ``loss``, and ``layers``, each
   with name, shape, numel, coords, sampled flat ``indices``, the ``h_diag`` values at them, ``stats``

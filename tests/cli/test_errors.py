@@ -137,8 +137,8 @@ def test_missing_and_malformed_data(tiny_bert_dir, tmp_path):
     fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "bad.jsonl")], 3, "line 2 is not valid JSON")
     (tmp_path / "notext.jsonl").write_text('{"sentence": "fine", "label": 0}\n')
     fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "notext.jsonl")], 3, "`text` field")
-    (tmp_path / "data.parquet").write_text("x")
-    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "data.parquet")], 2, "cannot read data of type")
+    (tmp_path / "data.xlsx").write_text("x")
+    fail(["rmed", str(tiny_bert_dir), "--data", str(tmp_path / "data.xlsx")], 2, "cannot read data of type")
 
 
 def test_classifier_needs_labels_in_range(tiny_bert_dir, tmp_path):
