@@ -140,13 +140,17 @@ _DCP_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle names a global outside the allowlist."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         allowed = _DCP_GLOBALS.get(module, ())
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             allowed = (name,)
         if name not in allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not a torch.distributed.checkpoint metadata class")
+            raise _Refused(f"{module}.{name} is not a torch.distributed.checkpoint metadata class")
         return super().find_class(module, name)
 
 
@@ -161,7 +165,7 @@ def _reader(path: Path, allow_pickle: bool):
             with open(path / DCP_METADATA, "rb") as stream:
                 try:
                     metadata = _MetadataUnpickler(stream).load()
-                except pickle.UnpicklingError as err:
+                except _Refused as err:
                     raise InputError(f"refusing to unpickle {path / DCP_METADATA}: {err} "
                                      "(pass --allow-pickle if you trust the file)") from err
                 except Exception as err:
@@ -188,6 +192,7 @@ def read_distcp(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = _reader(path, allow_pickle)
@@ -203,9 +208,11 @@ def read_distcp(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, storage_reader=reader, no_dist=True)
-    except InputError:
-        raise
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"cannot read the torch.distributed.checkpoint folder {path}: {first}") from err
+    except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+        if isinstance(err, InputError):
+            raise
+        cause = next(iter(getattr(err, "failures", {}).values()), err)  # rank → (exception, its frames)
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise InputError(f"cannot read the torch.distributed.checkpoint folder {path}: {reason}") from err
     return state
