@@ -43,7 +43,7 @@ def test_json_report_reads_weights_as_out_in(tiny_gpt2_dir):
     document = svd_json(str(tiny_gpt2_dir))
     assert document["command"] == "svd" and "data" not in document and "checkpoints" not in document
     assert document["settings"] == {"layers": [], "rank": None, "energy": 0.9, "top": 10, "exact_max": 4096,
-                                    "steps": None, "every": None, "model": None}
+                                    "steps": None, "every": None, "model": None, "merge": False}
     assert document["svd"]["convention"] == "(out, in); GPT-2 Conv1D weights transposed"
     (ckpt,) = document["svd"]["checkpoints"]
     layers = {layer["name"]: layer for layer in ckpt["layers"]}
