@@ -37,7 +37,7 @@ class AuditConfig:
     coords: int = 200
     layers: tuple[str, ...] = ()
     topk: int = 10
-    batch_size: int = 32
+    batch_size: int | None = None
     micro_batch: int | None = None
     max_length: int = 128
     seed: int = 0
@@ -141,6 +141,7 @@ class Auditor:
                 records, source = embedded_corpus(), EMBEDDED_SOURCE
             self.batch = build_batch(records, loaded, batch_size=c.batch_size, max_length=c.max_length,
                                      seed=c.seed, source=source)
+            self.progress.status(f"audit batch: {self.batch.selection} of {source}")
             self.model_info = loaded.describe()
         loaded.model.to(device=self.device, dtype=self.dtype)
         micro = self.batch.micro_batches(loaded, c.micro_batch or self.batch.examples, self.device, self.dtype)

@@ -39,7 +39,8 @@ Coords = Annotated[int, typer.Option("--coords", "-n", help="Coordinates sampled
 Layers = Annotated[list[str] | None, typer.Option("--layers", "-l", help="Glob over parameter names (repeat for "
                    "several); an integer N instead means every layer with N coordinates.")]
 TopK = Annotated[int, typer.Option(help="k of R_topk: the k-th largest |H_ii| over the median.")]
-BatchSize = Annotated[int, typer.Option(help="Examples in the audit batch.")]
+BatchSize = Annotated[int | None, typer.Option(help="Examples in the audit batch, a seeded sample of the data "
+                      "[default: the whole file of tensors; 32 of a text file]", show_default=False)]
 MicroBatch = Annotated[int | None, typer.Option(help="Examples per forward pass (default: the whole batch); the "
                        "Hessian is accumulated exactly.")]
 MaxLength = Annotated[int, typer.Option(help="Token limit per example for text data.")]

@@ -21,7 +21,7 @@ def rmed(
     json_path: JsonOption = None,
     format: FormatOption = None,
     table: TableOption = False,
-    batch_size: o.BatchSize = 32,
+    batch_size: o.BatchSize = None,
     micro_batch: o.MicroBatch = None,
     max_length: o.MaxLength = 128,
     seed: o.Seed = 0,

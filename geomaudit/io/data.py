@@ -11,7 +11,7 @@ import csv
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +23,26 @@ from ..errors import InputError, UsageError
 from .checkpoints import LoadedModel, read_state_dict
 from .tasks import Examples
 
+DEFAULT_TEXT_BATCH = 32
+CHARS_PER_TOKEN = 32  # texts are cut to this many characters per token of --max-length before tokenizing
+
 
 @dataclass(frozen=True)
 class TextRecords:
+    """Text examples: one text each, with a label each or none, and a target text each or none."""
+
     texts: list[str]
-    labels: list | None
+    labels: list | None = None
+    targets: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, rows: Sequence[int]) -> "TextRecords":
+        def pick(values):
+            return None if values is None else [values[i] for i in rows]
+
+        return TextRecords(pick(self.texts), pick(self.labels), pick(self.targets))
 
 
 @dataclass(frozen=True)
@@ -37,10 +52,19 @@ class AuditBatch:
     tensors: dict[str, Tensor]
     source: str
     fingerprint: str
+    available: int | None = None  # examples in the source; None: the batch is all of it
+    seed: int | None = None  # the seed of the sample, when the batch is a sample
 
     @property
     def examples(self) -> int:
         return len(next(iter(self.tensors.values())))
+
+    @property
+    def selection(self) -> str:
+        """How the batch was taken from its source, e.g. ``32 of 10,000 examples, sampled with seed 0``."""
+        if self.seed is None:
+            return f"all {self.examples:,} examples"
+        return f"{self.examples:,} of {self.available:,} examples, sampled with seed {self.seed}"
 
     def micro_batches(self, loaded: LoadedModel, size: int, device: torch.device,
                       dtype: torch.dtype) -> list[MicroBatch]:
@@ -65,8 +89,9 @@ class AuditBatch:
         (``None`` when the loss does not say)."""
         shapes = {k: list(v.shape) for k, v in self.tensors.items()}
         counts = [loaded.loss_items(mb.tensors) for mb in micro_batches]
-        return {"source": self.source, "fingerprint": self.fingerprint, "examples": self.examples, "shapes": shapes,
-                "loss_items": None if None in counts else sum(counts)}
+        return {"source": self.source, "fingerprint": self.fingerprint, "examples": self.examples,
+                "available": self.available or self.examples, "sample_seed": self.seed, "selection": self.selection,
+                "shapes": shapes, "loss_items": None if None in counts else sum(counts)}
 
 
 def _to(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -190,20 +215,47 @@ def embedded_corpus() -> TextRecords:
     return TextRecords(paragraphs, None)
 
 
-def build_batch(records: TextRecords | dict[str, Tensor], loaded: LoadedModel, *, batch_size: int,
+def build_batch(records: TextRecords | dict[str, Tensor], loaded: LoadedModel, *, batch_size: int | None,
                 max_length: int, seed: int, source: str) -> AuditBatch:
-    """Tokenize (or slice) the first ``batch_size`` examples and add what the task needs (its ``prepare``)."""
+    """The audit batch: ``batch_size`` examples, tokenized, with what the task needs (its ``prepare``).
+
+    Without ``batch_size``, a file of tensors is the batch, whole, and text gives ``DEFAULT_TEXT_BATCH``
+    examples. A batch smaller than the source is a seeded random sample of it (rows kept in file order),
+    never its first rows: a file sorted by class would give a one-class batch.
+    """
+    available = _count(records, source)
+    size = batch_size or (DEFAULT_TEXT_BATCH if isinstance(records, TextRecords) else available)
+    sampled = size < available
+    if sampled:
+        rows = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+        records = records.take(rows.tolist()) if isinstance(records, TextRecords) else {
+            k: v[rows] for k, v in records.items()}
     if isinstance(records, TextRecords):
-        tensors, examples = _tokenize(records, loaded, batch_size, max_length)
+        tensors, examples = _tokenize(records, loaded, max_length)
     else:
-        tensors, examples = _slice(records, batch_size, source), Examples()
+        tensors, examples = dict(records), Examples()
     tensors = loaded.task.prepare(tensors, examples, loaded, seed)
     _check_fits(tensors, loaded, source)
-    return AuditBatch(tensors, source, fingerprint(tensors))
+    return AuditBatch(tensors, source, fingerprint(tensors), available, seed if sampled else None)
 
 
-def _tokenize(records: TextRecords, loaded: LoadedModel, batch_size: int,
-              max_length: int) -> tuple[dict[str, Tensor], Examples]:
+def _count(records: TextRecords | dict[str, Tensor], source: str) -> int:
+    """The number of examples in ``records``; tensors must agree on it along dim 0."""
+    if isinstance(records, TextRecords):
+        if not len(records):
+            raise InputError(f"{source} holds no examples")
+        return len(records)
+    if not records:
+        raise InputError(f"{source} holds no tensors")
+    lengths = {k: (len(v) if v.ndim else 0) for k, v in records.items()}
+    if len(set(lengths.values())) != 1 or 0 in lengths.values():
+        raise InputError(f"the tensors in {source} differ in length along dim 0: {lengths}")
+    return next(iter(lengths.values()))
+
+
+def _tokenize(records: TextRecords, loaded: LoadedModel, max_length: int) -> tuple[dict[str, Tensor], Examples]:
+    """Each text cut to ``CHARS_PER_TOKEN`` characters per token of ``max_length`` (a 10 MB line is not
+    tokenized whole), then tokenized, truncated at ``max_length`` and padded to the longest."""
     tok = loaded.tokenizer
     if tok is None:
         raise InputError("text data needs a tokenizer: use a Hugging Face checkpoint directory with tokenizer "
@@ -213,21 +265,12 @@ def _tokenize(records: TextRecords, loaded: LoadedModel, batch_size: int,
     positions = _max_positions(loaded)
     if positions:
         max_length = min(max_length, positions)
-    enc = tok(records.texts[:batch_size], padding=True, truncation=True, max_length=max_length,
+    chars = max_length * CHARS_PER_TOKEN
+    enc = tok([t[:chars] for t in records.texts], padding=True, truncation=True, max_length=max_length,
               return_tensors="pt", return_special_tokens_mask=True)
     tensors = dict(enc)
     special = tensors.pop("special_tokens_mask")
-    labels = records.labels[:batch_size] if records.labels is not None else None
-    return tensors, Examples(labels=labels, special_tokens_mask=special)
-
-
-def _slice(records: dict[str, Tensor], batch_size: int, source: str) -> dict[str, Tensor]:
-    if not records:
-        raise InputError(f"{source} holds no tensors")
-    lengths = {k: (len(v) if v.ndim else 0) for k, v in records.items()}
-    if len(set(lengths.values())) != 1 or 0 in lengths.values():
-        raise InputError(f"the tensors in {source} differ in length along dim 0: {lengths}")
-    return {k: v[:batch_size] for k, v in records.items()}
+    return tensors, Examples(labels=records.labels, special_tokens_mask=special)
 
 
 def _max_positions(loaded: LoadedModel) -> int | None:
