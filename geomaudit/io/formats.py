@@ -160,11 +160,9 @@ def _reader(path: Path, allow_pickle: bool):
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            if allow_pickle:
-                return super().read_metadata(*args, **kwargs)
             with open(path / DCP_METADATA, "rb") as stream:
                 try:
-                    metadata = _MetadataUnpickler(stream).load()
+                    metadata = (pickle.Unpickler if allow_pickle else _MetadataUnpickler)(stream).load()
                 except _Refused as err:
                     raise InputError(f"refusing to unpickle {path / DCP_METADATA}: {err} "
                                      "(pass --allow-pickle if you trust the file)") from err
@@ -176,6 +174,10 @@ def _reader(path: Path, allow_pickle: bool):
             if not isinstance(metadata, Metadata):
                 raise InputError(f"cannot read {path / DCP_METADATA}: it holds a {type(metadata).__name__}, "
                                  "not torch.distributed.checkpoint metadata")
+            storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+            for shard in sorted({getattr(info, "relative_path", None) for info in storage.values()}, key=str):
+                if not isinstance(shard, str) or (path / shard).resolve().parent != path.resolve():
+                    raise InputError(f"{path / DCP_METADATA} points at a shard outside its folder ({shard!r})")
             metadata.storage_meta = metadata.storage_meta or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
@@ -209,8 +211,6 @@ def read_distcp(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
             warnings.simplefilter("ignore")
             dcp.load(state, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
-        if isinstance(err, InputError):
-            raise
         cause = next(iter(getattr(err, "failures", {}).values()), err)  # rank → (exception, its frames)
         cause = cause[0] if isinstance(cause, tuple) else cause
         reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]

@@ -175,6 +175,7 @@ def test_distcp_corruption(work):
     good = (work / "dcp" / ".metadata").read_bytes()
     (work / "dcp" / ".metadata").write_bytes(b"\x80\x04garbage")
     fail(["rmed", "dcp", *AUDIT], 3, "not a torch.distributed.checkpoint metadata file")
+    fail(["rmed", "dcp", *AUDIT, "--allow-pickle"], 3, "not a torch.distributed.checkpoint metadata file")
     (work / "dcp" / ".metadata").write_bytes(pickle.dumps({"a": 1}))
     fail(["rmed", "dcp", *AUDIT], 3, "it holds a dict, not torch.distributed.checkpoint metadata")
     (work / "dcp" / ".metadata").write_bytes(good)
@@ -182,6 +183,19 @@ def test_distcp_corruption(work):
     shard.write_bytes(shard.read_bytes()[:40])
     message = fail(["rmed", "dcp", *AUDIT], 3, "cannot read the torch.distributed.checkpoint folder dcp: EOFError")
     assert "Frame" not in message
+
+
+def test_distcp_shards_outside_the_folder_are_refused(work):
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    metadata = FileSystemReader(str(work / "dcp")).read_metadata()
+    shutil.copy(work / "dcp" / "__1_0.distcp", work / "elsewhere.distcp")
+    for info in metadata.storage_data.values():
+        if info.relative_path == "__1_0.distcp":
+            info.relative_path = "../elsewhere.distcp"
+    (work / "dcp" / ".metadata").write_bytes(pickle.dumps(metadata))
+    for flag in ((), ("--allow-pickle",)):
+        fail(["rmed", "dcp", *AUDIT, *flag], 3, "points at a shard outside its folder ('../elsewhere.distcp')")
 
 
 def test_distcp_without_tensors(tmp_path):
