@@ -213,3 +213,22 @@ def test_distcp_that_does_not_fit(work):
     with pytest.warns(UserWarning):
         dcp.save({"0.weight": torch.zeros(5, 3)}, checkpoint_id=work / "small")
     fail(["rmed", "small", *AUDIT], 3, "does not fit the model")
+
+
+def test_save_state_of_a_transformers_model(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """An HF model trained with Accelerate: a factory building it from its config audits it as its folder would."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hfmodel.py").write_text(
+        "from transformers import AutoConfig, AutoModelForCausalLM\n\n\n"
+        f"def build():\n    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({str(tiny_gpt2_dir)!r}))\n")
+    (tmp_path / "acc").mkdir()
+    shutil.copy(tiny_gpt2_dir / "model.safetensors", tmp_path / "acc" / "model.safetensors")
+    (tmp_path / "acc" / "random_states_0.pkl").write_bytes(pickle.dumps(_Tripwire(tmp_path / "unpickled")))
+    gen = torch.Generator().manual_seed(0)
+    save_file({"input_ids": torch.randint(0, 300, (3, 9), generator=gen)}, tmp_path / "ids.safetensors")
+    args = ("--data", "ids.safetensors", "--coords", "6", "--layers", "transformer.h.1.attn.c_proj.weight")
+    via_state = report("rmed", "acc", "--model", "hfmodel:build", *args)
+    assert via_state["model"]["format"] == "accelerate" and via_state["model"]["task"] == "causal-lm"
+    assert via_state["checkpoints"][0]["layers"][0]["h_diag"] == \
+        report("rmed", str(tiny_gpt2_dir), *args)["checkpoints"][0]["layers"][0]["h_diag"]
+    assert not (tmp_path / "unpickled").exists()
