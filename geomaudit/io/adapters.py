@@ -23,6 +23,7 @@ from .hub import locate
 
 # peft's task_type → geomaudit's task, for --task auto (a base without that head gets it, as peft trains it).
 ADAPTER_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
+HEAD_WEIGHTS = (".classifier.weight", ".score.weight", ".classifier.out_proj.weight")
 
 
 def adapter_config(path: Path) -> dict:
@@ -53,18 +54,26 @@ def adapter_files(path: Path) -> list[Path]:
     return [path / ADAPTER_CONFIG, adapter_weights(path), *model_files(base_model(path))]
 
 
-def adapter_task(path: Path, task: str) -> str:
-    """``task``, or for ``auto`` the task the adapter was trained for when peft recorded one geomaudit knows."""
-    return ADAPTER_TASKS.get(adapter_config(path).get("task_type"), task) if task == "auto" else task
+def _head_size(state: dict) -> int | None:
+    """The number of labels of the classification head an adapter carries (peft saves ``classifier``/``score``)."""
+    heads = [v for k, v in state.items() if k.endswith(HEAD_WEIGHTS) and v.ndim == 2]
+    return int(heads[0].shape[0]) if len(heads) == 1 else None
 
 
-def apply_adapter(loaded, path: Path, *, merge: bool = False, allow_pickle: bool = False):
-    """``loaded`` (the base model's ``LoadedModel``) with the adapter at ``path`` in it, or merged into it."""
+def load_adapter(path: Path, options, load_base):
+    """The adapter at ``path`` in its base model, or merged into it with ``options.merge``.
+
+    ``load_base(folder, options)`` loads the base as a Hugging Face checkpoint. With ``--task auto`` the base is
+    loaded for the adapter's ``task_type`` when geomaudit knows it, and a classification head gets as many labels
+    as the adapter's saved head has.
+    """
     try:
         import peft
     except ImportError as err:
         raise UsageError("auditing a PEFT adapter needs peft: pip install 'geomaudit[peft]'") from err
-    from .checkpoints import read_state_dict
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    from .checkpoints import load_tokenizer, read_state_dict
 
     try:
         config = peft.PeftConfig.from_pretrained(str(path))
@@ -73,10 +82,11 @@ def apply_adapter(loaded, path: Path, *, merge: bool = False, allow_pickle: bool
     if config.is_prompt_learning:
         raise InputError(f"{path} is a {config.peft_type.value} adapter: its tensors act outside the base model's "
                          "layers (virtual tokens), which geomaudit does not audit")
-    state = read_state_dict(adapter_weights(path), allow_pickle)
+    state = read_state_dict(adapter_weights(path), options.allow_pickle)
+    task = ADAPTER_TASKS.get(config.task_type, "auto") if options.task == "auto" else options.task
+    loaded = load_base(base_model(path), replace(options, task=task,
+                                                 num_labels=_head_size(state) or options.num_labels))
     config.inference_mode = False
-    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-
     try:
         with warnings.catch_warnings():  # transformers' deprecation notices about peft's calls, not the user's
             warnings.simplefilter("ignore", FutureWarning)
@@ -90,16 +100,12 @@ def apply_adapter(loaded, path: Path, *, merge: bool = False, allow_pickle: bool
         what = (f"has tensors the base model has no place for ({result.unexpected_keys[0]})"
                 if result.unexpected_keys else f"lacks {len(missing)} of its tensors ({missing[0]})")
         raise InputError(f"the adapter {path} {what}")
-    if merge:
-        net = model.merge_and_unload().requires_grad_(True)
-    else:
-        net = model.get_base_model()
+    net = model.merge_and_unload().requires_grad_(True) if options.merge else model.get_base_model()
     saved = tuple(config.modules_to_save or ())
     initialised = [n for n in loaded.initialised  # a head the adapter carries is restored, not initialised
                    if not any(f".{n.rsplit('.', 1)[0]}".endswith(f".{m}") for m in saved)]
-    from .checkpoints import load_tokenizer
-
-    return replace(loaded, model=net.eval(), path=str(path), format="peft-merged" if merge else "peft-adapter",
+    return replace(loaded, model=net.eval(), path=str(path),
+                   format="peft-merged" if options.merge else "peft-adapter",
                    tokenizer=load_tokenizer(path) or loaded.tokenizer, initialised=initialised, base=loaded.path)
 
 

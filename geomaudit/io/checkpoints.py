@@ -193,14 +193,11 @@ def _is_adapter(path: Path, opts: LoadOptions) -> bool:
 
 
 def _load_adapter(path: Path, opts: LoadOptions) -> LoadedModel:
-    from dataclasses import replace
-
-    from .adapters import adapter_task, apply_adapter, base_model
+    from .adapters import load_adapter
 
     if opts.factory is not None or opts.loss is not None:
         raise UsageError(f"{path} is a PEFT adapter: it names its base model, so --model and --loss do not apply")
-    base = _load_hf(base_model(path), replace(opts, task=adapter_task(path, opts.task)))
-    return apply_adapter(base, path, merge=opts.merge, allow_pickle=opts.allow_pickle)
+    return load_adapter(path, opts, _load_hf)
 
 
 def _pickled_state(path: Path, allow_pickle: bool) -> dict[str, Tensor] | None:

@@ -130,7 +130,8 @@ def test_svd_of_the_merged_adapter(adapter):
 
 
 def test_a_classifier_adapter_restores_its_head(tmp_path):
-    """SEQ_CLS on a headless base: the head peft saved (modules_to_save) replaces the seeded one."""
+    """SEQ_CLS on a headless base: the head peft saved (modules_to_save), of 3 classes although the data has only
+    labels 0 and 1, replaces the seeded one."""
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -138,7 +139,7 @@ def test_a_classifier_adapter_restores_its_head(tmp_path):
                         intermediate_size=16, max_position_embeddings=16, architectures=["BertModel"])
     torch.manual_seed(0)
     BertModel(config).save_pretrained(tmp_path / "base")
-    clf = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+    clf = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
     torch.nn.init.normal_(clf.classifier.weight, std=2.0)
     model = get_peft_model(clf, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
     model.save_pretrained(tmp_path / "adapter")
@@ -152,7 +153,7 @@ def test_a_classifier_adapter_restores_its_head(tmp_path):
     assert document["model"]["task"] == "classification" and document["model"]["initialised"] == []
     names = [la["name"] for la in document["checkpoints"][0]["layers"]]
     assert "classifier.modules_to_save.default.weight" in names and any("lora_A" in n for n in names)
-    assert head.abs().max() > 1  # the trained head, not a fresh N(0, 0.02) one, is what was restored:
+    assert head.shape == (3, 8) and head.abs().max() > 1  # the trained head, not a fresh N(0, 0.02) one:
     from geomaudit.io.checkpoints import load_checkpoint
 
     loaded = load_checkpoint(tmp_path / "adapter")
