@@ -1,11 +1,12 @@
 """Checkpoint folders and what each one loads (SPEC §3): one table, ``FOLDER_KINDS``.
 
-| kind | recognised by | the model's tensors |
-|---|---|---|
-| ``peft-adapter`` | ``adapter_config.json`` | the adapter's, on its base model (``adapters.py``) |
-| ``huggingface`` | ``config.json`` | ``save_pretrained``'s weight files, read by transformers |
-| ``distcp`` | ``.metadata`` and ``*.distcp`` files (``torch.distributed.checkpoint``) | every tensor, assembled from its shards, without a process group |
-| ``accelerate`` | Accelerate ``save_state`` weights (``model.safetensors``, ``pytorch_model.bin``, FSDP's ``pytorch_model_fsdp.bin`` or ``pytorch_model_fsdp_0/``), no ``config.json`` | that file or DCP folder; the other files (``random_states_*.pkl``, ``optimizer.bin`` …) are never opened |
+- ``peft-adapter``: ``adapter_config.json``; the adapter's tensors on its base model (``adapters.py``);
+- ``huggingface``: ``config.json``; ``save_pretrained``'s weight files, read by transformers;
+- ``distcp``: ``.metadata`` and ``*.distcp`` files (``torch.distributed.checkpoint``); every tensor, put
+  together from its shards without a process group;
+- ``accelerate``: Accelerate ``save_state`` weights (``model.safetensors``, ``pytorch_model.bin``, FSDP's
+  ``pytorch_model_fsdp.bin`` or ``pytorch_model_fsdp_0/``) and no ``config.json``; that file or DCP folder
+  alone: the other files (``random_states_*.pkl``, ``optimizer.bin`` …) are never opened.
 
 The first row that matches a folder decides its kind. ``model_files`` lists the files a kind loads, for the
 result cache's content hash.

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import BertModel, GPT2LMHeadModel
 
+from geomaudit.cache import checkpoint_digest
+from geomaudit.errors import InputError
 from tests.cli.invoke import report, run
 from tests.cli.test_errors import Opaque, fail
 
@@ -181,7 +183,6 @@ def test_adapter_trajectory_and_cache(adapter, tiny_gpt2_dir, tmp_path, cache_di
 
 
 def test_cache_key_covers_the_base_model(adapter, tiny_gpt2_dir, tmp_path):
-    from geomaudit.cache import checkpoint_digest
 
     base = tmp_path / "base"
     shutil.copytree(tiny_gpt2_dir, base)
@@ -213,6 +214,8 @@ def test_adapter_errors(adapter, tiny_gpt2_dir, tmp_path):
     fail(["rmed", _edit_config(adapter, tmp_path, base_model_name_or_path=None), *data], 3, "names no base model")
     (tmp_path / "edited" / "adapter_config.json").write_text("{not json")
     fail(["rmed", str(tmp_path / "edited"), *data], 3, "cannot read", "adapter_config.json")
+    with pytest.raises(InputError, match="cannot read .*adapter_config.json"):  # the cache digest reads it too
+        checkpoint_digest(tmp_path / "edited")
     (tmp_path / "edited" / "adapter_config.json").write_text(json.dumps(
         json.loads((adapter / "adapter_config.json").read_text()) | {"peft_type": "NO_SUCH_TYPE"}))
     fail(["rmed", str(tmp_path / "edited"), *data], 3, "cannot read", "adapter_config.json")

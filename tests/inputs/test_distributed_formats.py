@@ -1,8 +1,6 @@
 """torch.distributed.checkpoint folders and Accelerate save_state folders, written by the real tools: the same H_ii
 as the plain state dict they hold, their pickles never loaded (or only through an allowlist), every error."""
 
-import io
-import json
 import os
 import pickle
 import shutil
@@ -16,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from geomaudit.cache import checkpoint_digest
 from geomaudit.errors import InputError
-from geomaudit.io.formats import folder_kind, read_distcp
+from geomaudit.io.formats import folder_kind, model_files, read_distcp
 from geomaudit.io.trajectory import discover
 from tests.cli.test_errors import FACTORY, fail
 from tests.cli.invoke import report
@@ -115,7 +113,7 @@ def test_fsdp_sharded_save_state(work):
     shutil.copy(work / "acc" / "checkpoints" / "checkpoint_0" / "random_states_0.pkl", folder)
     assert folder_kind(folder) == "accelerate"
     assert h_diag("fsdp", *AUDIT) == h_diag("mlp.safetensors", *AUDIT)
-    files = [p.relative_to(folder).as_posix() for p in __import__("geomaudit.io.formats").io.formats.model_files(folder)]
+    files = [p.relative_to(folder).as_posix() for p in model_files(folder)]
     assert files == ["pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__0_0.distcp",
                      "pytorch_model_fsdp_0/__1_0.distcp"]
 
@@ -219,8 +217,8 @@ def test_save_state_of_a_transformers_model(tiny_gpt2_dir, tmp_path, monkeypatch
     """An HF model trained with Accelerate: a factory building it from its config audits it as its folder would."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hfmodel.py").write_text(
-        "from transformers import AutoConfig, AutoModelForCausalLM\n\n\n"
-        f"def build():\n    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({str(tiny_gpt2_dir)!r}))\n")
+        "from transformers import AutoConfig, AutoModelForCausalLM\n\n\ndef build():\n"
+        f"    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({str(tiny_gpt2_dir)!r}))\n")
     (tmp_path / "acc").mkdir()
     shutil.copy(tiny_gpt2_dir / "model.safetensors", tmp_path / "acc" / "model.safetensors")
     (tmp_path / "acc" / "random_states_0.pkl").write_bytes(pickle.dumps(_Tripwire(tmp_path / "unpickled")))
