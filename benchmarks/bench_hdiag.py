@@ -39,7 +39,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch, only_requires_grad
 from geomaudit.engine.sampling import sample_indices
-from geomaudit.io.checkpoints import task_loss
+from geomaudit.io.tasks import TASKS
 from geomaudit.runtime import resolve_device, set_precision
 
 METHODS = ("engine", "loop", "func", "curvlinops", "backpack")
@@ -91,7 +91,7 @@ def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int):
         raise SystemExit("--model must be mlp, gpt2-tiny, bert-mini or bert-small")
     model.config._attn_implementation = "eager"  # SDPA has no double backward
     model = model.to(device=device, dtype=dtype).eval()
-    return model, task_loss(task), {k: v.to(device) for k, v in data.items()}, params
+    return model, TASKS[task].loss, {k: v.to(device) for k, v in data.items()}, params
 
 
 # ----------------------------------------------------------------------------- the methods

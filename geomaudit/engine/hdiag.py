@@ -35,7 +35,8 @@ LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 # one double-backward per coordinate on every layer; on CUDA 64 (not measured: no GPU was lent)
 DEFAULT_CHUNK = {"cpu": 1, "cuda": 64}
 CHUNK_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}  # what one chunk's double-backward may allocate
-COLUMN_BUDGET_BYTES = 2 << 30  # the Hessian columns and H[S, S] that ``columns`` holds
+COLUMN_BUDGET_BYTES = 2 << 30  # the Hessian columns and H[S, S] that ``columns`` holds (and backprop's factors)
+METHODS = ("hvp", "hessian-backprop")  # one Hessian-vector product per coordinate; backprop.exact_diagonals
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,33 @@ class DiagonalEngine:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch],
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, backprop: bool = True):
         self.model, self.loss_fn, self.micro_batches = model, loss_fn, list(micro_batches)
         self.chunk_size = chunk_size
         self.batched = True
         self.chunks: dict[str, int] = {}  # the chunk each layer ran with
+        self.methods: dict[str, str] = {}  # how each layer's H_ii were computed: METHODS
+        self._exact: dict[str, Tensor] | None = None if backprop else {}
 
     def diagonal(self, name: str, indices: Sequence[int] | Tensor,
                  on_chunk: Callable[[int], None] | None = None) -> Tensor:
         """H_ii for the flat ``indices`` of parameter ``name``, in the parameter's dtype.
 
+        From the exact Hessian backpropagation of ``backprop.exact_diagonals`` when the model allows it (every
+        layer's whole diagonal at once, on the first call) and ``backprop`` is on, else from HVPs.
         ``on_chunk(n)`` is called after each chunk of ``n`` coordinates of each micro-batch.
         """
+        if self._exact is None:
+            from .backprop import exact_diagonals
+
+            self._exact = exact_diagonals(self.model, self.loss_fn, self.micro_batches, COLUMN_BUDGET_BYTES) or {}
+        if name in self._exact:
+            self.methods[name] = "hessian-backprop"
+            values = self._exact[name]
+            if on_chunk:
+                on_chunk(len(indices) * len(self.micro_batches))
+            return values[torch.as_tensor(indices, dtype=torch.long, device=values.device)]
+        self.methods[name] = "hvp"
         return self._accumulate(name, indices, on_chunk, keep_columns=False).diag
 
     def columns(self, name: str, indices: Sequence[int] | Tensor, on_chunk: Callable[[int], None] | None = None,
@@ -94,6 +110,7 @@ class DiagonalEngine:
         and with several micro-batches the summed columns (``len(S) ×`` their length), must fit in
         ``COLUMN_BUDGET_BYTES`` (a usage error otherwise).
         """
+        self.methods[name] = "hvp"
         return self._accumulate(name, indices, on_chunk, keep_columns=True, across=across)
 
     def abs_spectrum(self, name: str, probes: int = 8, steps: int = 40, seed: int = 0) -> dict[str, float]:

@@ -1,0 +1,130 @@
+"""Hessian backpropagation for Sequential MLPs (engine/backprop.py): every entry of every parameter against the dense
+Hessian (fp64), and the engine's fall-back to HVPs wherever the recursion would not be exact."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from geomaudit.engine.audit import audit_checkpoint
+from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch
+
+from .test_hdiag import assert_close, ce_loss, mse_loss, oracle_diag
+
+
+def deep_mlp(seed=0):
+    """Every kind of step of the recursion: σ'' ≠ 0 (Tanh, Sigmoid, GELU: their diagonal turns into a factor at the
+    next Linear down), σ'' = 0 (ReLU), Identity and an eval-mode Dropout passing through."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(5, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.GELU(), nn.Identity(),
+                         nn.Linear(4, 3)).double().eval()
+
+
+def data(n=10, seed=1, shape=(4,)):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, *shape, generator=g, dtype=torch.float64),
+            "y": torch.randn(n, *shape[:-1], 3, generator=g, dtype=torch.float64),
+            "c": torch.randint(0, 3, (n, *shape[:-1]), generator=g)}
+
+
+def every_entry(model, loss, batch, pieces=1, **kw):
+    n = len(batch["x"])
+    micro = [MicroBatch({k: v[s::pieces] for k, v in batch.items()}, len(range(s, n, pieces)) / n)
+             for s in range(pieces)]
+    engine = DiagonalEngine(model, loss, micro, **kw)
+    got = {name: engine.diagonal(name, np.arange(p.numel())) for name, p in model.named_parameters()}
+    return got, engine.methods
+
+
+def check(model, loss, batch, got):
+    for name, p in model.named_parameters():
+        assert_close(got[name], oracle_diag(model, name, lambda fwd: loss(fwd, batch), np.arange(p.numel())))
+
+
+def seq_ce(model, t):
+    """Cross-entropy over every (example, token) row of a (N, T, F) input."""
+    return nn.functional.cross_entropy(model(t["x"]).flatten(0, 1), t["c"].flatten())
+
+
+@pytest.mark.parametrize("loss", [mse_loss, ce_loss, seq_ce], ids=["mse", "cross-entropy", "tokens"])
+def test_every_entry_of_every_layer_matches_the_dense_hessian(loss):
+    model = deep_mlp()
+    batch = data(shape=(3, 4)) if loss is seq_ce else data()
+    got, methods = every_entry(model, loss, batch)
+    assert set(methods.values()) == {"hessian-backprop"}
+    check(model, loss, batch, got)
+
+
+def test_micro_batches_add_up():
+    model, batch = deep_mlp(), data(n=12)
+    got, methods = every_entry(model, ce_loss, batch, pieces=3)
+    assert set(methods.values()) == {"hessian-backprop"}
+    check(model, ce_loss, batch, got)
+
+
+def test_backprop_can_be_turned_off_and_agrees_with_the_hvps():
+    model, batch = deep_mlp(), data()
+    fast, _ = every_entry(model, mse_loss, batch)
+    slow, methods = every_entry(model, mse_loss, batch, backprop=False)
+    assert set(methods.values()) == {"hvp"}
+    for name in fast:
+        assert_close(fast[name], slow[name], rtol=1e-10)
+
+
+def weight_decay(model, t):
+    return mse_loss(model, t) + 0.1 * (model[0].weight ** 3).sum()
+
+
+def coupled_rows(model, t):
+    return model(t["x"]).sum(0).pow(2).sum()  # (Σ_n z_n)²: the loss Hessian couples every pair of rows
+
+
+def hidden_penalty(model, t):
+    return mse_loss(model, t) + model[:2](t["x"]).pow(4).mean()  # an activation used besides the output
+
+
+def twice(model, t):
+    return mse_loss(model, t) + mse_loss(model, t)
+
+
+def linear_output_loss(model, t):
+    return (model(t["x"]) * t["y"]).mean()
+
+
+@pytest.mark.parametrize("loss", [weight_decay, coupled_rows, hidden_penalty, twice],
+                         ids=["parameter-in-loss", "coupled-rows", "hidden-activation", "called-twice"])
+def test_losses_the_recursion_does_not_cover_fall_back_to_hvps(loss):
+    model, batch = deep_mlp(), data()
+    got, methods = every_entry(model, loss, batch)
+    assert set(methods.values()) == {"hvp"}
+    check(model, loss, batch, got)
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.0), nn.Linear(6, 3)).double().train(),
+    nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double().eval(),
+    nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)).double().eval(),
+], ids=["dropout-training", "layernorm", "nested"])
+def test_models_the_recursion_does_not_cover_fall_back_to_hvps(model):
+    batch = data()
+    got, methods = every_entry(model, mse_loss, batch)
+    assert set(methods.values()) == {"hvp"}
+    check(model, mse_loss, batch, got)
+
+
+def test_a_loss_linear_in_the_output_gives_exact_zeros_at_the_last_layer():
+    model, batch = deep_mlp(), data()
+    got, methods = every_entry(model, linear_output_loss, batch)
+    assert set(methods.values()) == {"hessian-backprop"}
+    assert torch.equal(got["10.weight"], torch.zeros(12, dtype=torch.float64))
+    check(model, linear_output_loss, batch, got)
+
+
+def test_the_audit_reports_which_method_ran():
+    model, batch = deep_mlp(), data()
+    result = audit_checkpoint(model, mse_loss, [MicroBatch(batch, 1.0)], ["0.weight", "10.bias"], coords=5, seed=0)
+    assert [la.h_diag_method for la in result.layers] == ["hessian-backprop"] * 2
+    result = audit_checkpoint(model, weight_decay, [MicroBatch(batch, 1.0)], ["0.weight"], coords=5, seed=0)
+    assert result.layers[0].h_diag_method == "hvp"
+    assert result.layers[0].to_dict()["h_diag_method"] == "hvp"
