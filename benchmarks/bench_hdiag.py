@@ -13,7 +13,8 @@ On the same model, batch, parameter tensor and sampled coordinates, in one run:
               of every entry of every layer in one extended backward; per coordinate = its time / coordinates.
 
 Every per-coordinate time is a multiple of fwd+bwd (lower is better), the minimum over ``--repeats`` interleaved
-repeats (so load drifting on a shared machine hits every method alike). Every method's values are checked against
+repeats (so load drifting on a shared machine hits every method alike); the unit is the fastest fwd+bwd of the run
+(it is the same pass for every layer). Every method's values are checked against
 the loop's; the run exits 1 if any disagrees.
 
     python benchmarks/bench_hdiag.py                         # tiny GPT-2 (2x128), batch 8x64, 64 coordinates
@@ -99,7 +100,7 @@ def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int):
 def engine_diag(model, loss_fn, batch, name, idx):
     engine = DiagonalEngine(model, loss_fn, [MicroBatch(batch, 1.0)])
     values = engine.diagonal(name, idx)
-    METHOD_NOTES[name] = getattr(engine, "method_used", {}).get(name, "")
+    METHOD_NOTES[name] = engine.methods[name] + (f" [{engine.chunks[name]}]" if name in engine.chunks else "")
     return values
 
 
@@ -116,7 +117,7 @@ def func_diag(model, loss_fn, batch, name, idx):
     shape = param.shape
 
     def loss_of(flat):
-        return loss_fn(lambda **kw: functional_call(model, {name: flat.reshape(shape)}, (), kw), batch)
+        return loss_fn(_Swapped(model, {name: flat.reshape(shape)}), batch)
 
     flat = param.detach().reshape(-1)
     hvp = vmap(lambda v: jvp(grad(loss_of), (flat,), (v,))[1], chunk_size=FUNC_CHUNK[flat.device.type])
@@ -127,6 +128,16 @@ def func_diag(model, loss_fn, batch, name, idx):
         tangents[torch.arange(len(sel)), sel] = 1
         out.append(hvp(tangents)[torch.arange(len(sel)), sel])
     return torch.cat(out)
+
+
+class _Swapped:
+    """The model called with some tensors swapped in (``functional_call``), keeping its ``config`` for the loss."""
+
+    def __init__(self, model, tensors):
+        self.model, self.tensors, self.config = model, tensors, getattr(model, "config", None)
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.model, self.tensors, args, kwargs)
 
 
 class _Forward(nn.Module):
@@ -176,12 +187,21 @@ def curvlinops_diag(model, loss_fn, batch, name, idx):
     return torch.cat(out)
 
 
-def backpack_all(model, loss_fn, batch, names):
+def backpack_model(model):
+    """A copy of the model extended by BackPACK (its hooks stay on the copy), and its extended loss."""
+    import copy
+
+    from backpack import extend
+
+    return extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss())
+
+
+def backpack_all(extended, batch):
     """BackPACK's DiagHessian: every entry of every parameter of a Sequential, from one extended backward."""
-    from backpack import backpack, extend
+    from backpack import backpack
     from backpack.extensions import DiagHessian
 
-    model, loss = extend(model), extend(nn.CrossEntropyLoss())
+    model, loss = extended
     model.zero_grad(set_to_none=True)
     with backpack(DiagHessian()):
         loss(model(batch["x"]), batch["y"]).backward()
@@ -189,6 +209,14 @@ def backpack_all(model, loss_fn, batch, names):
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         del p.diag_h
+    return out
+
+
+def engine_all(model, loss_fn, batch):
+    """The engine's whole diagonal of every parameter, as an audit of every layer in full computes it."""
+    engine = DiagonalEngine(model, loss_fn, [MicroBatch(batch, 1.0)])
+    out = {n: engine.diagonal(n, range(p.numel())) for n, p in model.named_parameters()}
+    METHOD_NOTES["(all)"] = ", ".join(sorted(set(engine.methods.values())))
     return out
 
 
@@ -274,6 +302,7 @@ def main(argv=None) -> int:
     times: dict = {n: {m: [] for m in per_layer} | {"fwd+bwd": []} for n in params}
     values: dict = {n: {} for n in params}
     backpack_times: list[float] = []
+    all_times: list[float] = []
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -283,7 +312,9 @@ def main(argv=None) -> int:
             for m in per_layer:
                 fns[m](model, loss_fn, batch, n, idx[n][:4])
         if "backpack" in methods:
-            backpack_all(model, loss_fn, batch, list(params))
+            extended = backpack_model(model)
+            backpack_all(extended, batch)
+            engine_all(model, loss_fn, batch)
         for _ in range(args.repeats):
             for n in params:
                 times[n]["fwd+bwd"].append(fwd_bwd(model, loss_fn, batch, device))
@@ -292,10 +323,13 @@ def main(argv=None) -> int:
                     times[n][m].append(s / len(idx[n]))
                     values[n][m] = out.detach()
             if "backpack" in methods:
-                out, s = timed(lambda: backpack_all(model, loss_fn, batch, list(params)), device)
+                out, s = timed(lambda: backpack_all(extended, batch), device)
                 backpack_times.append(s)
                 for n in params:
                     values[n]["backpack"] = out[n][idx[n].cpu()].to(device)
+                mine, s = timed(lambda: engine_all(model, loss_fn, batch), device)
+                all_times.append(s)
+                all_diff = max(rel_diff(mine[n], out[n].to(device)) for n in out)
     total_entries = sum(p.numel() for p in model.parameters())
     print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
           f"{args.precision}, torch {torch.__version__}, {torch.get_num_threads()} threads, load {load:.2f} at start; "
@@ -308,8 +342,9 @@ def main(argv=None) -> int:
     cols = ["fwd+bwd ms", *per_layer] + (["backpack (all)"] if "backpack" in methods else []) + ["engine method",
                                                                                                  "rel diff"]
     rows, ok, doc = [], True, []
+    unit = min(t for n in params for t in times[n]["fwd+bwd"])  # the same pass for every layer: its fastest
     for n in params:
-        fb = min(times[n]["fwd+bwd"])
+        fb = unit
         cells = [f"{fb * 1e3:.1f}"]
         row = {"layer": n, "role": params[n], "numel": named[n].numel(), "coords": len(idx[n]), "fwd_bwd_s": fb}
         for m in per_layer:
@@ -330,6 +365,12 @@ def main(argv=None) -> int:
     print("  ".join(h.ljust(w) if c == 0 else h.rjust(w) for c, (h, w) in enumerate(zip(["layer", *cols], widths))))
     for r in rows:
         print("  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+    if all_times:
+        fb_all = unit
+        print(f"every entry of every parameter ({total_entries:,}): engine ({METHOD_NOTES['(all)']}) "
+              f"{min(all_times) / fb_all:.2f}× fwd+bwd, BackPACK DiagHessian {min(backpack_times) / fb_all:.2f}×; "
+              f"rel diff {all_diff:.1e}")
+        ok &= all_diff <= TOLERANCE[args.precision]
     if "loop" in per_layer and "engine" in per_layer:
         slower = [r["layer"] for r in doc if r["engine"] > r["loop"]]
         print("engine at or below the loop on every layer" if not slower else

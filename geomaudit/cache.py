@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from . import __version__
+from .engine.hdiag import METHODS
 from .engine.stats import GEOMETRY_KEYS
 from .errors import InputError
 from .io.files import read_json
@@ -58,6 +59,7 @@ LAYER_FIELDS = {
     "h_diag": lambda v: isinstance(v, list) and all(map(_finite, v)),
     "seconds": lambda v: _finite(v) and v >= 0,
     "s_med_method": lambda v: v in ("dense", "submatrix", "slq"),
+    "h_diag_method": lambda v: v in METHODS,
     "geometry": lambda v: (isinstance(v, dict) and set(v) == set(GEOMETRY_KEYS)
                            and all(x is None or _finite(x) for x in v.values())),
 }
@@ -113,6 +115,8 @@ class CacheEntry:
         self.loss = loss
         if layer is not None:
             kept = {k: layer[k] for k in REQUIRED}
+            if layer.get("h_diag_method"):
+                kept["h_diag_method"] = layer["h_diag_method"]
             if layer.get("s_med_method"):
                 kept |= {"s_med_method": layer["s_med_method"],
                          "geometry": {k: layer["stats"][k] for k in GEOMETRY_KEYS}}

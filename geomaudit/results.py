@@ -24,6 +24,7 @@ class LayerResult:
     cached: bool = False
     s_med_method: str | None = None  # "dense" or "submatrix" (H[S, S] of the sampled S) when S_med was computed
     alignment: dict | None = None  # gradient and Adam-step alignment with |H_ii| (``alignment_stats``)
+    h_diag_method: str | None = None  # how h_diag was computed: DiagonalEngine's METHODS ("hvp", "hessian-backprop")
 
     @property
     def numel(self) -> int:
@@ -41,6 +42,7 @@ class LayerResult:
             "seconds": round(self.seconds, 6),
             "cached": self.cached,
             "s_med_method": self.s_med_method,
+            "h_diag_method": self.h_diag_method,
             "alignment": None if self.alignment is None else {
                 k: json_number(v) if k.startswith("spearman") else v for k, v in self.alignment.items()},
         }

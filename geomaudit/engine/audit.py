@@ -93,7 +93,7 @@ def audit_checkpoint(
             h = np.asarray(earlier["h_diag"], dtype=np.float64)
             stats = diagonal_stats(h, topk) | earlier.get("geometry", {})
             results.append(LayerResult(name, shape, indices, h, stats, earlier["seconds"], True,
-                                       earlier.get("s_med_method")))
+                                       earlier.get("s_med_method"), h_diag_method=earlier.get("h_diag_method")))
             continue
         start = time.perf_counter()
         if geometry:
@@ -117,7 +117,7 @@ def audit_checkpoint(
         if not all(map(math.isfinite, h)):
             raise InputError(f"the Hessian diagonal of {name} holds non-finite values")
         results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk) | extra,
-                                   time.perf_counter() - start, False, method))
+                                   time.perf_counter() - start, False, method, h_diag_method=engine.methods[name]))
         if on_result:
             on_result(results[-1])
     summary = {"layers": list(across)} | _mean_median("r_diag", np.concatenate(pooled)) if pooled else None

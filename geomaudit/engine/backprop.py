@@ -81,15 +81,17 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
     acts = [out for m, _, out in seen[:-1]]
     grads = torch.autograd.grad(loss, [z, *acts], create_graph=True, allow_unused=True)
     g_z = grads[0]
-    if g_z is None or not g_z.requires_grad:  # the loss is linear in the output: every H is 0 through it
+    if g_z is None:  # the loss does not depend on the output, so on no parameter
         return {name: torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for name, p in model.named_parameters()}
     rows = z.reshape(-1, width).shape[0]
-    hess = torch.stack([torch.autograd.grad(g_z, z, _unit(z, c), retain_graph=True)[0].reshape(rows, width)
-                        for c in range(width)], dim=2)  # (rows, width, width): column c of each row's block
-    if not _block_diagonal(g_z, z, hess):
-        return None
-    evals, evecs = torch.linalg.eigh((hess + hess.transpose(1, 2)) / 2)
-    factors = [(evecs * evals.abs().sqrt().unsqueeze(1), evals.sign())]  # M = Σ S diag(s) Sᵀ
+    factors = []  # M = Σ S diag(s) Sᵀ (+ diag(D)); none for a loss linear in the output
+    if g_z.requires_grad:
+        hess = torch.stack([torch.autograd.grad(g_z, z, _unit(z, c), retain_graph=True)[0].reshape(rows, width)
+                            for c in range(width)], dim=2)  # (rows, width, width): column c of each row's block
+        if not _block_diagonal(g_z, z, hess):
+            return None
+        evals, evecs = torch.linalg.eigh((hess + hess.transpose(1, 2)) / 2)
+        factors.append((evecs * evals.abs().sqrt().unsqueeze(1), evals.sign()))
     diagonal: Tensor | None = None
     grad_of = {id(out): g for out, g in zip([z, *acts], grads)}
     result = {}
@@ -99,7 +101,7 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
         module, a, out = seen[i]
         a = a.detach().reshape(rows, -1)
         if isinstance(module, nn.Linear):
-            d = _diag(factors, diagonal)
+            d = _diag(factors, diagonal, out.detach().reshape(rows, -1))
             result[names[id(module.weight)]] = torch.einsum("nj,nk->jk", d, a ** 2).reshape(-1)
             if module.bias is not None:
                 result[names[id(module.bias)]] = d.sum(0)
@@ -121,7 +123,7 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
             if diagonal is not None:
                 diagonal = first ** 2 * diagonal
             g_a = grad_of.get(id(out))
-            if second is not None and g_a is not None:
+            if second is not None and g_a is not None and second.count_nonzero():  # σ'' = 0 (ReLU): no residual
                 extra = second * g_a.detach().reshape(rows, -1)
                 diagonal = extra if diagonal is None else diagonal + extra
     return {n: v.detach() for n, v in result.items()}
@@ -133,10 +135,13 @@ def _unit(z: Tensor, c: int) -> Tensor:
     return v
 
 
-def _diag(factors: list[tuple[Tensor, Tensor]], diagonal: Tensor | None) -> Tensor:
-    """diag(Σ S diag(s) Sᵀ + diag(D)) per row, (rows, width), for factors S (rows, width, rank) and signs (rows, rank)."""
-    d = sum((s ** 2 * sign.unsqueeze(1)).sum(2) for s, sign in factors)
-    return d if diagonal is None else d + diagonal
+def _diag(factors: list[tuple[Tensor, Tensor]], diagonal: Tensor | None, like: Tensor) -> Tensor:
+    """diag(Σ S diag(s) Sᵀ + diag(D)) per row, shaped and typed as ``like`` (rows, width), for factors S
+    (rows, width, rank) and signs (rows, rank)."""
+    d = torch.zeros_like(like) if diagonal is None else diagonal
+    for s, sign in factors:
+        d = d + (s ** 2 * sign.unsqueeze(1)).sum(2)
+    return d
 
 
 def _block_diagonal(g_z: Tensor, z: Tensor, hess: Tensor) -> bool:

@@ -30,11 +30,11 @@ def test_chunk_is_capped_by_the_counted_cost_of_one_tangent(monkeypatch):
         flat = torch.autograd.grad(mse_loss(model, data), param, create_graph=True)[0].reshape(-1)
         with AllocationCounter() as counter:
             DiagonalEngine(model, mse_loss, [])._columns_at(flat, [param], torch.tensor([0]))
-    uncapped = DiagonalEngine(model, mse_loss, [MicroBatch(data, 1.0)], chunk_size=16)
+    uncapped = DiagonalEngine(model, mse_loss, [MicroBatch(data, 1.0)], chunk_size=16, backprop=False)
     uncapped.diagonal(name, idx)
     assert uncapped.chunks[name] == 16
     monkeypatch.setitem(hdiag.CHUNK_BUDGET_BYTES, "cpu", int(2.5 * counter.bytes))
-    engine = DiagonalEngine(model, mse_loss, [MicroBatch(data, 1.0)], chunk_size=16)
+    engine = DiagonalEngine(model, mse_loss, [MicroBatch(data, 1.0)], chunk_size=16, backprop=False)
     got = engine.diagonal(name, idx)
     assert engine.chunks[name] == 2
     assert_close(got, oracle_diag(model, name, lambda fwd: mse_loss(fwd, data), idx))
@@ -42,7 +42,7 @@ def test_chunk_is_capped_by_the_counted_cost_of_one_tangent(monkeypatch):
 
 def test_cpu_default_is_one_double_backward_per_coordinate():
     model, data = make_mlp(), mlp_data()
-    engine = DiagonalEngine(model, mse_loss, [MicroBatch(data, 1.0)])
+    engine = DiagonalEngine(model, mse_loss, [MicroBatch(data, 1.0)], backprop=False)
     engine.diagonal("0.weight", range(5))
     assert engine.chunk_size == hdiag.DEFAULT_CHUNK["cpu"] == 1 and engine.chunks["0.weight"] == 1
 
