@@ -164,7 +164,8 @@ INTERRUPTING = textwrap.dedent("""
         calls += 1
         if calls == int(os.environ.get("STOP_AT_CALL", "0")):
             raise KeyboardInterrupt
-        return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+        # + a term in a weight outside the output: no Hessian backpropagation, HVPs layer by layer (interruptible)
+        return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean() + 0 * model[0].weight.sum()
 """)
 
 
@@ -177,7 +178,8 @@ def test_an_interrupted_audit_resumes(tmp_path, monkeypatch):
     save_file(net.state_dict(), tmp_path / "run" / "step_5.safetensors")
     save_file({"x": torch.randn(10, 3), "y": torch.randn(10)}, tmp_path / "data.safetensors")
     args = ["rmed", "run", "--model", "stopper:build", "--loss", "stopper:mse", "--data", "data.safetensors"]
-    monkeypatch.setenv("STOP_AT_CALL", "4")  # call 1: the loss; 2, 3: layers 0.weight, 0.bias; 4: layer 2.weight
+    # call 1: the loss; 2: the Hessian backpropagation's check (refused); 3, 4: layers 0.weight, 0.bias; 5: 2.weight
+    monkeypatch.setenv("STOP_AT_CALL", "5")
     run(*args, code=130)
     monkeypatch.setenv("STOP_AT_CALL", "0")
     resumed = report(*args)["checkpoints"][0]["layers"]
