@@ -62,7 +62,14 @@ LAYER_FIELDS = {
     "h_diag_method": lambda v: v in METHODS,
     "geometry": lambda v: (isinstance(v, dict) and set(v) == set(GEOMETRY_KEYS)
                            and all(x is None or _finite(x) for x in v.values())),
+    "roundoff": lambda v: (isinstance(v, dict) and set(v) == ROUNDOFF_FIELDS and v["dtype"] in ("float32", "float64")
+                           and all(isinstance(v[k], list) for k in ("indices", "h_diag", "changes"))
+                           and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v["indices"])
+                           and len(v["indices"]) == len(v["h_diag"]) == len(v["changes"])
+                           and all(map(_finite, v["h_diag"] + v["changes"]))
+                           and isinstance(v["zero_hessian"], bool) and isinstance(v["median_zero"], bool)),
 }
+ROUNDOFF_FIELDS = {"dtype", "indices", "h_diag", "changes", "zero_hessian", "median_zero"}
 REQUIRED = ("indices", "h_diag", "seconds")
 
 
@@ -117,6 +124,8 @@ class CacheEntry:
             kept = {k: layer[k] for k in REQUIRED}
             if layer.get("h_diag_method"):
                 kept["h_diag_method"] = layer["h_diag_method"]
+            if layer.get("roundoff"):
+                kept["roundoff"] = layer["roundoff"]
             if layer.get("s_med_method"):
                 kept |= {"s_med_method": layer["s_med_method"],
                          "geometry": {k: layer["stats"][k] for k in GEOMETRY_KEYS}}

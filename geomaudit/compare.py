@@ -10,7 +10,7 @@ further"). Each layer then gets mean (std) over seeds per side and the ratio of 
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,6 +23,9 @@ class Point:
     step: int | None
     loss: float
     values: Mapping[str, float]  # may hold inf or nan: an undefined ratio
+    excluded: Mapping[str, str] = field(default_factory=dict)  # layer -> why it cannot be compared (zero Hessian)
+    saturated: frozenset[str] = frozenset()  # layers whose metric saturates: their rows use ``fallback``
+    fallback: Mapping[str, float] = field(default_factory=dict)  # the unsaturated statistic (R_med) per layer
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,10 @@ class LayerRow:
     ratios: tuple[float, ...] | None = None  # paired runs: other / reference, one per repeat
     ratio_mean: float | None = None
     ratio_std: float | None = None
+    metric: str | None = None  # the statistic used instead of the pairing's (R_med where R_med_stab saturates)
 
 
-def _mean_std(points: Sequence[Point], name: str) -> tuple[float, float]:
-    x = np.array([p.values[name] for p in points], dtype=np.float64)
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
     with np.errstate(invalid="ignore"):  # inf values: the mean is inf, the row is dropped anyway
         return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
@@ -142,36 +145,54 @@ def _ratio(num, den):
         return np.float64(num) / np.float64(den)  # x/0 -> inf, 0/0 -> nan, as elsewhere
 
 
-def layer_rows(pairing: Pairing, reference: str = "a", paired: bool = False) -> list[LayerRow]:
-    """Rows for the layers every point has, in the order of the first point of side A.
+def compare_layers(pairing: Pairing, reference: str = "a", paired: bool = False,
+                   fallback_metric: str = "r_med") -> tuple[list[LayerRow], list[dict]]:
+    """Rows for the layers every point has, in the order of the first point of side A, and the layers left out.
 
-    ``reference="a"`` gives ratio = B/A (second run over first), ``"b"`` gives A/B. A layer whose mean is
-    not finite on either side (an undefined metric in some run) is dropped. ``paired``: run i of A goes with
-    run i of B (both sides hold the same number of runs), and each row also gets the per-repeat ratios with
-    their mean (std, ddof=1; 0.0 for one repeat).
+    ``reference="a"`` gives ratio = B/A (second run over first), ``"b"`` gives A/B. A layer is left out, with
+    its name and the reason, when a point excludes it (a Hessian zero to round-off) or when its mean is not
+    finite on a side (an undefined metric in some run). A layer whose metric saturates in any point of either
+    side is compared on ``fallback_metric`` in every point, so that both sides use the same statistic.
+    ``paired``: run i of A goes with run i of B (both sides hold the same number of runs), and each row also
+    gets the per-repeat ratios with their mean (std, ddof=1; 0.0 for one repeat).
     """
     if reference not in ("a", "b"):
         raise ValueError(f"reference must be 'a' or 'b', got {reference!r}")
     if paired and len(pairing.a) != len(pairing.b):
         raise ValueError(f"paired runs need as many runs on each side, got {len(pairing.a)} and {len(pairing.b)}")
     points = (*pairing.a, *pairing.b)
-    rows = []
+    rows, left_out = [], []
     for name in pairing.a[0].values:
         if not all(name in p.values for p in points):
             continue
-        (am, asd), (bm, bsd) = _mean_std(pairing.a, name), _mean_std(pairing.b, name)
+        why = {p.excluded[name] for p in points if name in p.excluded}
+        if why:
+            sides = [side for side, pts in (("A", pairing.a), ("B", pairing.b)) if any(name in p.excluded for p in pts)]
+            left_out.append({"name": name, "reason": f"{'; '.join(sorted(why))} ({' and '.join(sides)})"})
+            continue
+        switch = any(name in p.saturated for p in points)
+        a, b = (np.array([p.fallback[name] if switch else p.values[name] for p in side], dtype=np.float64)
+                for side in (pairing.a, pairing.b))
+        (am, asd), (bm, bsd) = _mean_std(a), _mean_std(b)
         if not (math.isfinite(am) and math.isfinite(bm)):
+            used = fallback_metric if switch else "the metric"
+            left_out.append({"name": name, "reason": f"{used} undefined (median |H_ii| = 0) in "
+                                                     f"{'A' if not math.isfinite(am) else 'B'}"})
             continue
         num, den = (bm, am) if reference == "a" else (am, bm)
-        row = LayerRow(name, am, asd, bm, bsd, float(_ratio(num, den)))
+        row = LayerRow(name, am, asd, bm, bsd, float(_ratio(num, den)), metric=fallback_metric if switch else None)
         if paired:
-            a, b = (np.array([p.values[name] for p in side], dtype=np.float64) for side in (pairing.a, pairing.b))
             per = _ratio(b, a) if reference == "a" else _ratio(a, b)
             with np.errstate(invalid="ignore"):
                 row = replace(row, ratios=tuple(map(float, per)), ratio_mean=float(per.mean()),
                               ratio_std=float(per.std(ddof=1)) if per.size > 1 else 0.0)
         rows.append(row)
-    return rows
+    return rows, left_out
+
+
+def layer_rows(pairing: Pairing, reference: str = "a", paired: bool = False) -> list[LayerRow]:
+    """The compared rows of ``compare_layers`` (without the list of layers left out)."""
+    return compare_layers(pairing, reference, paired)[0]
 
 
 def summarize(ratios, seed: int = 0, n_boot: int = 2000, confidence: float = 0.95) -> dict:

@@ -1,23 +1,38 @@
 """CI gates: thresholds that turn a report into exit status 1 with a one-line reason (SPEC §4)."""
 
+from collections.abc import Callable
+
 from .errors import ThresholdFailed, UsageError
 
 
-def fail_above(document: dict, threshold: float, metric: str) -> None:
-    """Fail when any audited layer's ``metric`` exceeds ``threshold`` (an undefined, infinite ratio counts)."""
+def fail_above(document: dict, threshold: float, metric: str, on_skip: Callable[[str], None] | None = None) -> None:
+    """Fail when any audited layer's ``metric`` exceeds ``threshold`` (an undefined, infinite ratio counts).
+
+    Layers whose Hessian is zero to round-off have no ratio and are skipped; where R_med_stab saturates
+    (R_med ≥ 1000), ``--metric r_med_stab`` is judged on R_med, since R_med_stab never exceeds 1000.
+    ``on_skip`` receives one sentence naming the skipped layers.
+    """
     if metric not in document["checkpoints"][0]["layers"][0]["stats"]:
         raise UsageError(f"--metric {metric} is not among this audit's statistics (r_u, r_v: geomaudit compare; "
                          "s_med, r_diag_*: --smed)")
-    worst = None
+    worst, skipped = None, []
     for ckpt in document["checkpoints"]:
         for layer in ckpt["layers"]:
-            value = layer["stats"][metric]
+            if layer.get("zero_hessian"):
+                skipped.append(layer["name"])
+                continue
+            used = "r_med" if metric == "r_med_stab" and layer.get("saturated") else metric
+            value = layer["stats"][used]
             value = float("inf") if value is None else value
             if value > threshold and (worst is None or value > worst[0]):
-                worst = (value, layer["name"], ckpt["path"])
+                worst = (value, layer["name"], ckpt["path"], used)
+    if skipped and on_skip:
+        names = ", ".join(dict.fromkeys(skipped))
+        on_skip(f"--fail-above skips {names}: Hessian zero to round-off, no ratio")
     if worst:
-        value, name, path = worst
-        raise ThresholdFailed(f"{metric} of {name} in {path} is {value:.4g}, above --fail-above {threshold:g}")
+        value, name, path, used = worst
+        why = "" if used == metric else " (r_med_stab saturates there, so r_med is judged)"
+        raise ThresholdFailed(f"{used} of {name} in {path} is {value:.4g}, above --fail-above {threshold:g}{why}")
 
 
 def fail_if_ratio_below(document: dict, threshold: float) -> None:

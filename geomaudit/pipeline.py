@@ -14,7 +14,7 @@ from .cache import CacheEntry, checkpoint_digest
 from .distributed import ShardedEngine, join
 from .engine.audit import audit_checkpoint, audit_gradient, audit_loss, select_layers
 from .engine.hdiag import DiagonalEngine
-from .engine.stats import alignment_stats
+from .engine.stats import alignment_stats, saturated
 from .errors import InputError, UsageError
 from .io.checkpoints import LoadedModel, load_checkpoint
 from .io.data import AuditBatch, TextRecords, build_batch, embedded_corpus, has_labels, read_records
@@ -202,6 +202,9 @@ class Auditor:
         grads = audit_gradient(loaded.model, loaded.loss_fn, micro, [la.name for la in layers])
         aligned = []
         for la in layers:
+            if la.zero_hessian:  # no order among round-off values to correlate with
+                aligned.append(la)
+                continue
             at = torch.as_tensor(la.indices)
             g = grads[la.name].reshape(-1)[at.to(grads[la.name].device)].double().cpu().numpy()
             step = adaptive_step(moments[la.name]).reshape(-1)[at].double().numpy()
@@ -287,7 +290,7 @@ def _point(point) -> dict:
 
 def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress | None = None) -> dict:
     """Pair the checkpoints of runs A and B by step or by loss, audit the paired ones on one batch, compare."""
-    from .compare import Point, layer_rows, pair_by_loss, pair_by_step, summarize
+    from .compare import Point, compare_layers, pair_by_loss, pair_by_step, summarize
 
     compare.validate()
     config.validate()
@@ -317,16 +320,21 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
         if key not in audited:
             auditor.progress.status(f"auditing {refs[key].path}")
             audited[key] = auditor.audit(refs[key], point.run)
-        return replace(point, values={la.name: la.stats[compare.metric] for la in audited[key].layers})
+        layers = audited[key].layers
+        stab = compare.metric == "r_med_stab"
+        return replace(point, values={la.name: la.stats[compare.metric] for la in layers},
+                       excluded={la.name: "Hessian zero to round-off" for la in layers if la.zero_hessian},
+                       saturated=frozenset(la.name for la in layers if stab and saturated(la.stats)),
+                       fallback={la.name: la.stats["r_med"] for la in layers} if stab else {})
 
     pairs = []
     for pairing in pairings:
         entry = {"label": pairing.label, "step": pairing.step, "level": pairing.level, "refused": pairing.refused,
                  "a": [_point(p) for p in pairing.a], "b": [_point(p) for p in pairing.b], "layers": [],
-                 "summary": None}
+                 "left_out": [], "summary": None}
         if pairing.refused is None:
             full = replace(pairing, a=tuple(map(with_values, pairing.a)), b=tuple(map(with_values, pairing.b)))
-            rows = layer_rows(full, compare.reference, compare.paired)
+            rows, entry["left_out"] = compare_layers(full, compare.reference, compare.paired)
             entry["layers"] = [_row(r) for r in rows]
             ratios = [r.ratios for r in rows] if compare.paired else [r.ratio for r in rows]
             entry["summary"] = summarize(np.array(ratios).T, seed=config.seed)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .engine.stats import saturated
+
 
 def json_number(x: float | None) -> float | None:
     """JSON has no inf/nan: an undefined ratio is written as ``null`` (and read back as ``None``)."""
@@ -25,6 +27,8 @@ class LayerResult:
     s_med_method: str | None = None  # "dense" or "submatrix" (H[S, S] of the sampled S) when S_med was computed
     alignment: dict | None = None  # gradient and Adam-step alignment with |H_ii| (``alignment_stats``)
     h_diag_method: str | None = None  # how h_diag was computed: DiagonalEngine's METHODS ("hvp", "hessian-backprop")
+    zero_hessian: bool = False  # the sampled H_ii are zero to round-off (``engine.roundoff``): ratios undefined
+    roundoff: dict | None = None  # the recomputation that decided it: dtype, indices, h_diag, changes, median_zero
 
     @property
     def numel(self) -> int:
@@ -43,6 +47,9 @@ class LayerResult:
             "cached": self.cached,
             "s_med_method": self.s_med_method,
             "h_diag_method": self.h_diag_method,
+            "zero_hessian": self.zero_hessian,
+            "saturated": saturated(self.stats),
+            "roundoff": self.roundoff,
             "alignment": None if self.alignment is None else {
                 k: json_number(v) if k.startswith("spearman") else v for k, v in self.alignment.items()},
         }

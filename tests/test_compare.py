@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from geomaudit.compare import Point, auto_levels, layer_rows, pair_by_loss, pair_by_step, summarize
+from geomaudit.compare import (Point, auto_levels, compare_layers, layer_rows, pair_by_loss, pair_by_step,
+                               summarize)
 
 
 def run(name, steps, losses=None, values=None):
@@ -316,3 +317,56 @@ def test_verdict_claims_no_more_than_the_interval():
     assert "effect" not in single.split(".")[0]
     assert verdict(summarize([math.inf]), "B/A").startswith("nothing to compare")
     assert verdict(None).startswith("nothing to compare")
+
+
+# --- layers left out, saturated R_med_stab ------------------------------------------------------
+
+def test_zero_hessian_layers_are_left_out_and_named():
+    a = [Point("a", 1, 1.0, {"w": 2.0, "key": float("nan")}, excluded={"key": "Hessian zero to round-off"})]
+    b = [Point("b", 1, 1.0, {"w": 6.0, "key": 37.0})]  # round-off in B looks like a number, but A says zero
+    rows, left_out = compare_layers(pair_by_step([a], [b])[0])
+    assert [r.name for r in rows] == ["w"] and rows[0].ratio == pytest.approx(3.0)
+    assert left_out == [{"name": "key", "reason": "Hessian zero to round-off (A)"}]
+    undefined = [Point("b", 1, 1.0, {"w": math.inf, "key": 1.0})]
+    rows, left_out = compare_layers(pair_by_step([[Point("a", 1, 1.0, {"w": 1.0, "key": 1.0})]], [undefined])[0])
+    assert [r.name for r in rows] == ["key"] and left_out == [
+        {"name": "w", "reason": "the metric undefined (median |H_ii| = 0) in B"}]
+
+
+def test_saturated_layers_use_r_med_on_both_sides():
+    """R_med_stab = R/(1 + R/1000): A at R_med 50 (stab 47.6), B at R_med 40000 (stab 975.6). The stabilised ratio
+    20.5 understates the real 800; both sides switch to R_med, also A where it does not saturate."""
+    stab = lambda r: r / (1 + r / 1000)
+    a = [Point("a", 1, 1.0, {"c_attn": stab(50.0), "mlp": stab(10.0)}, fallback={"c_attn": 50.0, "mlp": 10.0})]
+    b = [Point("b", 1, 1.0, {"c_attn": stab(40000.0), "mlp": stab(20.0)}, saturated=frozenset({"c_attn"}),
+               fallback={"c_attn": 40000.0, "mlp": 20.0})]
+    rows, left_out = compare_layers(pair_by_step([a], [b])[0])
+    c_attn, mlp = rows
+    assert (c_attn.a_mean, c_attn.b_mean, c_attn.ratio, c_attn.metric) == pytest.approx((50.0, 40000.0, 800.0, "r_med"))
+    assert mlp.metric is None and mlp.ratio == pytest.approx(stab(20.0) / stab(10.0))
+    assert left_out == []
+    with_inf = [Point("b", 1, 1.0, {"c_attn": 1000.0, "mlp": 1.0}, saturated=frozenset({"c_attn"}),
+                      fallback={"c_attn": math.inf, "mlp": 1.0})]  # median 0: R_med infinite, stab exactly 1000
+    rows, left_out = compare_layers(pair_by_step([a], [with_inf])[0])
+    assert [r.name for r in rows] == ["mlp"]
+    assert left_out == [{"name": "c_attn", "reason": "r_med undefined (median |H_ii| = 0) in B"}]
+
+
+def test_fail_above_skips_zero_layers_and_judges_saturated_ones_on_r_med():
+    from geomaudit.errors import ThresholdFailed
+    from geomaudit.gates import fail_above
+
+    def layer(name, r_med, stab, zero=False, sat=False):
+        return {"name": name, "zero_hessian": zero, "saturated": sat, "stats": {"r_med": r_med, "r_med_stab": stab}}
+
+    doc = {"checkpoints": [{"path": "ckpt", "layers": [
+        layer("key.bias", None, None, zero=True), layer("mlp", 20.0, 19.6), layer("c_attn", 5000.0, 833.3, sat=True)]}]}
+    notes = []
+    with pytest.raises(ThresholdFailed, match=r"r_med of c_attn in ckpt is 5000, above --fail-above 2000 "
+                                              r"\(r_med_stab saturates there"):
+        fail_above(doc, 2000, "r_med_stab", notes.append)  # R_med_stab (833) could never pass 1000
+    assert notes == ["--fail-above skips key.bias: Hessian zero to round-off, no ratio"]
+    fail_above(doc, 6000, "r_med_stab")  # the zero layer's null is not an infinite ratio
+    doc["checkpoints"][0]["layers"][0]["zero_hessian"] = False
+    with pytest.raises(ThresholdFailed, match="key.bias"):
+        fail_above(doc, 6000, "r_med_stab")  # an undefined ratio that is not a zero Hessian still counts

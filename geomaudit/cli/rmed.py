@@ -63,4 +63,5 @@ def rmed(
         if speaks:
             emit(document, json_path, rmed_tables, format and format.value, table)
         if fail_above is not None:
-            gate(document, fail_above, metric.value)
+            gate(document, fail_above, metric.value,
+                 lambda note: stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True))

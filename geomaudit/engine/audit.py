@@ -4,6 +4,7 @@ import fnmatch
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from ..errors import InputError, UsageError
 from ..results import CheckpointResult, LayerResult
 from .hdiag import DiagonalEngine, LossFn, MicroBatch
 from .sampling import sample_indices
+from .roundoff import check_positions, model_dtype, other_dtype, recompute, verdict
 from .stats import diagonal_stats, geometry_stats, r_diag_values, ratio
 
 
@@ -93,7 +95,8 @@ def audit_checkpoint(
             h = np.asarray(earlier["h_diag"], dtype=np.float64)
             stats = diagonal_stats(h, topk) | earlier.get("geometry", {})
             results.append(LayerResult(name, shape, indices, h, stats, earlier["seconds"], True,
-                                       earlier.get("s_med_method"), h_diag_method=earlier.get("h_diag_method")))
+                                       earlier.get("s_med_method"), h_diag_method=earlier.get("h_diag_method"),
+                                       roundoff=earlier.get("roundoff")))
             continue
         start = time.perf_counter()
         if geometry:
@@ -120,8 +123,37 @@ def audit_checkpoint(
                                    time.perf_counter() - start, False, method, h_diag_method=engine.methods[name]))
         if on_result:
             on_result(results[-1])
+    results = _check_roundoff(model, loss_fn, micro_batches, results, topk, on_result, on_layer, on_chunk)
     summary = {"layers": list(across)} | _mean_median("r_diag", np.concatenate(pooled)) if pooled else None
     return CheckpointResult(path, step, loss, tuple(results), across=summary)
+
+
+def _check_roundoff(model, loss_fn, micro_batches, results, topk, on_result, on_layer, on_chunk):
+    """Each layer with its ``zero_hessian`` flag and ratios, from a recomputation of a few of its entries
+    (``engine.roundoff``) unless its cache entry holds one; an all-zero diagonal is zero without one."""
+    todo = {la.name: check_positions(la.h_diag) for la in results if la.roundoff is None and la.h_diag.any()}
+    if todo and on_layer:
+        on_layer(len(results), len(results), f"round-off check of {len(todo)} layers",
+                 len(micro_batches) * sum(map(len, todo.values())))
+    again = recompute(model, loss_fn, micro_batches,
+                      {la.name: la.indices[todo[la.name]] for la in results if la.name in todo}, on_chunk)
+    checked = []
+    for la in results:
+        roundoff = la.roundoff
+        if la.name in again:
+            at = todo[la.name]
+            found = verdict(la.h_diag, at, again[la.name])
+            roundoff = {"dtype": str(other_dtype(model_dtype(model))).removeprefix("torch."),
+                        "indices": la.indices[at].tolist(), "h_diag": again[la.name].tolist(),
+                        "changes": found["changes"].tolist(), "zero_hessian": found["zero_hessian"],
+                        "median_zero": found["median_zero"]}
+        zero = roundoff["zero_hessian"] if roundoff else not la.h_diag.any()
+        stats = diagonal_stats(la.h_diag, topk, zero_hessian=zero, median_zero=bool(roundoff and roundoff["median_zero"]))
+        extra = {k: float("nan") if zero else v for k, v in la.stats.items() if k not in stats}
+        checked.append(replace(la, stats=stats | extra, zero_hessian=zero, roundoff=roundoff))
+        if on_result and la.name in again:
+            on_result(checked[-1])
+    return checked
 
 
 def _mean_median(prefix: str, values: np.ndarray) -> dict[str, float]:

@@ -14,13 +14,20 @@ def ratio(num: float, den: float) -> float:
     return num / den
 
 
-def diagonal_stats(h_diag: np.ndarray, topk: int = 10) -> dict[str, float]:
+SATURATION = 1000.0  # R_med at which R_med_stab = R / (1 + R/1000) has lost half its sensitivity to R_med
+
+
+def diagonal_stats(h_diag: np.ndarray, topk: int = 10, *, zero_hessian: bool = False,
+                   median_zero: bool = False) -> dict[str, float]:
     """R_med, R_med_stab, R_topk, zero_frac and the max/median/mean of |H_ii|.
 
     - ``r_med`` = max|H_ii| / median|H_ii| (eq. (1));
     - ``r_med_stab`` = max / (median + 0.001·max) (footnote 8, used for the paper's tables);
     - ``r_topk`` = k-th largest |H_ii| / median, with k = min(topk, number of coordinates);
     - ``zero_frac`` = share of |H_ii| exactly 0.
+
+    ``zero_hessian`` (the values are round-off, ``engine.roundoff``) makes every ratio undefined (nan);
+    ``median_zero`` (the median is round-off) computes them with a median of 0, as an exact zero median would.
 
     >>> s = diagonal_stats(np.array([1.0, -2.0, 4.0, 0.0]), topk=2)
     >>> s["r_med"], s["r_topk"], s["zero_frac"]
@@ -32,16 +39,25 @@ def diagonal_stats(h_diag: np.ndarray, topk: int = 10) -> dict[str, float]:
     mx, med = float(a.max()), float(np.median(a))
     k = min(topk, a.size)
     kth = float(np.partition(a, a.size - k)[a.size - k])
+    den = 0.0 if median_zero else med
+    nan = float("nan")
     return {
-        "r_med": ratio(mx, med),
-        "r_med_stab": ratio(mx, med + 1e-3 * mx),
-        "r_topk": ratio(kth, med),
+        "r_med": nan if zero_hessian else ratio(mx, den),
+        "r_med_stab": nan if zero_hessian else ratio(mx, den + 1e-3 * mx),
+        "r_topk": nan if zero_hessian else ratio(kth, den),
         "topk": k,
         "zero_frac": float(np.mean(a == 0.0)),
         "max_abs": mx,
         "median_abs": med,
         "mean_abs": float(a.mean()),
     }
+
+
+def saturated(stats: dict) -> bool:
+    """R_med_stab is saturated when R_med ≥ 1000 (R_med_stab ≥ 500): R_med_stab = R/(1 + R/1000) < 1000 always,
+    and from there on a tenfold R_med moves it by less than twofold, so its ratios understate real differences."""
+    r = stats.get("r_med")
+    return r is not None and not np.isnan(r) and r >= SATURATION
 
 
 GEOMETRY_KEYS = ("s_med", "eig_max_abs", "eig_median_abs", "r_diag_mean", "r_diag_median")

@@ -118,11 +118,14 @@ class GeometryCallback(TrainerCallback):
         return result
 
     def summary(self, result: CheckpointResult) -> dict[str, float]:
-        """The values logged for one audit: median and max of the metric over layers, loss, and each layer's."""
-        per_layer = {f"geomaudit/{self.metric}/{la.name}": float(la.stats[self.metric]) for la in result.layers}
+        """The values logged for one audit: median and max of the metric over layers, loss, and each layer's
+        (layers whose Hessian is zero to round-off have no ratio and are left out)."""
+        per_layer = {f"geomaudit/{self.metric}/{la.name}": float(la.stats[self.metric]) for la in result.layers
+                     if not la.zero_hessian}  # no ratio where the Hessian is zero to round-off
         values = np.array(list(per_layer.values()))
-        return {f"geomaudit/{self.metric}_median": float(np.median(values)),
-                f"geomaudit/{self.metric}_max": float(values.max()), "geomaudit/loss": result.loss} | per_layer
+        over = {f"geomaudit/{self.metric}_median": float(np.median(values)),
+                f"geomaudit/{self.metric}_max": float(values.max())} if values.size else {}
+        return over | {"geomaudit/loss": result.loss} | per_layer
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step % self.every:

@@ -5,6 +5,26 @@ from .layout import Cell, Column, Grid, Value, fmt, number
 _fmt = fmt  # the plots' name for it
 
 LAYER = Column("layer", right=False)
+ZERO_NOTE = ("zero H: the sampled H_ii are zero to round-off (they change by more than 1% when recomputed in "
+             "the other precision): no ratio, left out of comparisons and gates")
+SATURATED_NOTE = "sat.: R_med_stab saturated (R_med ≥ 1000, R_med_stab < 1000 always): compare and gates use R_med"
+MEDIAN_NOTE = "median≈0: the median |H_ii| is zero to round-off, so R_med is undefined"
+
+
+def _ratio_cells(layer: dict, notes: set) -> list[Cell]:
+    """R_med, R_med_stab and R_topk of a layer, marked where the tool cannot stand behind them (notes explain)."""
+    s = layer["stats"]
+    if layer.get("zero_hessian"):
+        notes.add(ZERO_NOTE)
+        return [Value("zero H", "zero_hessian")] * 3
+    cells = [number(s["r_med"]), number(s["r_med_stab"]), number(s["r_topk"])]
+    if (layer.get("roundoff") or {}).get("median_zero"):
+        notes.add(MEDIAN_NOTE)
+        cells[0] = Value("median≈0", "")
+    if layer.get("saturated"):
+        notes.add(SATURATED_NOTE)
+        cells[1] = Value(f"{cells[1].text} sat.", cells[1].raw)
+    return cells
 
 
 def rmed_tables(document: dict) -> list[Grid]:
@@ -23,10 +43,10 @@ def rmed_tables(document: dict) -> list[Grid]:
             Column(h, right=h != "S_med from") for h in heads]
         grid = Grid(title, [LAYER], columns, context={"checkpoint": ckpt["path"], "step": _text(ckpt["step"])},
                     label=f"{ckpt['path']}{step}")
+        notes = set()
         for layer in ckpt["layers"]:
             s = layer["stats"]
-            cells = [number(s["r_med"]), number(s["r_med_stab"]), number(s["r_topk"]), number(s["zero_frac"], ".2f"),
-                     number(s["median_abs"])]
+            cells = [*_ratio_cells(layer, notes), number(s["zero_frac"], ".2f"), number(s["median_abs"])]
             if geometry:
                 cells += [number(s["s_med"]), layer["s_med_method"] or "", number(s["r_diag_mean"]),
                           number(s["r_diag_median"])]
@@ -35,8 +55,9 @@ def rmed_tables(document: dict) -> list[Grid]:
             grid.add_row(layer["name"], "×".join(map(str, layer["shape"])), number(layer["coords"], "d"), *cells)
         if ckpt["across"]:
             a = ckpt["across"]
-            grid.caption = (f"r_diag across {', '.join(a['layers'])}: mean {fmt(a['r_diag_mean'])}, "
-                            f"median {fmt(a['r_diag_median'])}")
+            notes.add(f"r_diag across {', '.join(a['layers'])}: mean {fmt(a['r_diag_mean'])}, "
+                      f"median {fmt(a['r_diag_median'])}")
+        grid.caption = "\n".join(sorted(notes))
         grids.append(grid)
     return grids
 
@@ -49,6 +70,11 @@ def _mean_std(mean: float | None, std: float | None, runs: int) -> Cell:
     if runs == 1 or mean is None:
         return number(mean)
     return Value(f"{fmt(mean)} ({fmt(std, '.2g')})", f"{mean!r} ({std!r})")
+
+
+def _marked(cell: Cell, metric: str | None) -> Cell:
+    """A ratio cell, marked with the statistic it compares when that is not the table's (R_med for R_med_stab)."""
+    return cell if not metric else Value(f"{cell} ({metric})", cell.raw if isinstance(cell, Value) else str(cell))
 
 
 def compare_tables(document: dict) -> list[Grid]:
@@ -78,8 +104,8 @@ def compare_tables(document: dict) -> list[Grid]:
             r = by_name.get(name)
             cells += ["", "", ""] if r is None else [_mean_std(r["a_mean"], r["a_std"], n_a),
                                                      _mean_std(r["b_mean"], r["b_std"], n_b),
-                                                     _mean_std(r["ratio_mean"], r["ratio_std"], n_a) if paired
-                                                     else number(r["ratio"])]
+                                                     _marked(_mean_std(r["ratio_mean"], r["ratio_std"], n_a)
+                                                             if paired else number(r["ratio"]), r.get("metric"))]
         grid.add_row(name, *cells, end_section=name == names[-1])
     summaries = [p["summary"] for p in pairs]
     for label, cell in ((f"share of layers with {direction} > 1", lambda s: number(s["frac_above_1"], ".0%")),
@@ -93,6 +119,10 @@ def compare_tables(document: dict) -> list[Grid]:
                           if paired else ())):
         grid.add_row(label, *[c for s in summaries for c in ("", "", cell(s) if s["n_layers"] else "")])
     notes = [f"refused {p['label']}: {p['refused']}" for p in spec["pairs"] if p["refused"]]
+    notes += [f"left out at {p['label']}: " + ", ".join(f"{x['name']} ({x['reason']})" for x in p["left_out"])
+              for p in pairs if p.get("left_out")]
+    if any(r.get("metric") for p in pairs for r in p["layers"]):
+        notes.append("(r_med): R_med_stab saturates (R_med ≥ 1000) in a run of this layer, so both sides use R_med")
     if pairs and not names:
         notes.append("no layer to compare" + (": r_u and r_v compare only weights that are approximately low rank "
                                               "in every run (see geomaudit svd)" if metric in ("r_u", "r_v") else ""))

@@ -27,6 +27,9 @@ def test_table_lists_every_selected_layer(tiny_bert_dir, examples_jsonl):
                  "classifier.weight", "classifier.bias", "R_med_stab", "R_top10", "zero_frac"):
         assert name in result.stdout
     assert "layer.0." not in result.stdout
+    key = next(line for line in result.stdout.splitlines() if "attention.self.key.bias" in line)
+    assert key.count("zero H") == 3  # R_med, R_med_stab, R_top10 of the key bias: its Hessian is zero
+    assert "zero to round-off" in result.stdout  # and the caption says what that means
 
 
 def test_json_report_is_complete_and_consistent(tiny_bert_dir, examples_jsonl, tmp_path):
@@ -47,10 +50,15 @@ def test_json_report_is_complete_and_consistent(tiny_bert_dir, examples_jsonl, t
     for layer in layers:
         assert layer["coords"] == min(12, layer["numel"]) == len(layer["indices"]) == len(layer["h_diag"])
         assert layer["indices"] == sorted(set(layer["indices"])) and layer["indices"][-1] < layer["numel"]
-        expected = diagonal_stats(np.array(layer["h_diag"]), topk=5)
+        median_zero = bool(layer["roundoff"] and layer["roundoff"]["median_zero"])
+        expected = diagonal_stats(np.array(layer["h_diag"]), topk=5, zero_hessian=layer["zero_hessian"],
+                                  median_zero=median_zero)
         for key, value in expected.items():
             got = layer["stats"][key]
             assert got == pytest.approx(value) if np.isfinite(value) else got is None
+    # softmax ignores a shift common to a row of scores: the key biases, and only they, have a zero Hessian
+    assert [la["name"] for la in layers if la["zero_hessian"]] == [
+        f"bert.encoder.layer.{i}.attention.self.key.bias" for i in (0, 1)]
 
 
 def test_integer_layers_means_coordinates_per_layer(tiny_gpt2_dir):
