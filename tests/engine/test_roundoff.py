@@ -17,7 +17,7 @@ from geomaudit.engine.audit import audit_checkpoint
 from geomaudit.engine.hdiag import MicroBatch
 from geomaudit.engine.roundoff import check_positions, recompute, relative_change, verdict
 from geomaudit.engine.stats import diagonal_stats, saturated
-from geomaudit.io.checkpoints import task_loss
+from geomaudit.io.tasks import TASKS
 
 VOCAB = 60
 
@@ -67,7 +67,7 @@ def micro(tensors, split, dtype):
 def audit(model, task, dtype, split, layers=None, coords=8):
     model = model.to(dtype)
     names = layers or [n for n, _ in model.named_parameters()]
-    return audit_checkpoint(model, task_loss(task), micro(batch(task), split, dtype), names, coords=coords, seed=0)
+    return audit_checkpoint(model, TASKS[task].loss, micro(batch(task), split, dtype), names, coords=coords, seed=0)
 
 
 CASES = {  # model, task, the layers whose Hessian is exactly zero
@@ -159,7 +159,7 @@ def test_gpt2_key_block_of_the_fused_bias_is_round_off():
     """c_attn.bias is [q | k | v]: the k third is zero to round-off, the q and v thirds are real."""
     model = gpt2()
     tensors = micro(batch("causal-lm"), None, torch.float32)
-    loss = task_loss("causal-lm")
+    loss = TASKS["causal-lm"].loss
     name = "transformer.h.0.attn.c_attn.bias"
     from geomaudit.engine.hdiag import DiagonalEngine
 
