@@ -73,8 +73,8 @@ def _mean_std(mean: float | None, std: float | None, runs: int) -> Cell:
 
 
 def _marked(cell: Cell, metric: str | None) -> Cell:
-    """A ratio cell, marked with the statistic it compares when that is not the table's (R_med for R_med_stab)."""
-    return cell if not metric else Value(f"{cell} ({metric})", cell.raw if isinstance(cell, Value) else str(cell))
+    """A ratio cell, marked † when it compares another statistic than the table's (R_med for R_med_stab)."""
+    return cell if not metric else Value(f"{cell}†", cell.raw if isinstance(cell, Value) else str(cell))
 
 
 def compare_tables(document: dict) -> list[Grid]:
@@ -122,7 +122,8 @@ def compare_tables(document: dict) -> list[Grid]:
     notes += [f"left out at {p['label']}: " + ", ".join(f"{x['name']} ({x['reason']})" for x in p["left_out"])
               for p in pairs if p.get("left_out")]
     if any(r.get("metric") for p in pairs for r in p["layers"]):
-        notes.append("(r_med): R_med_stab saturates (R_med ≥ 1000) in a run of this layer, so both sides use R_med")
+        notes.append("†: R_med_stab saturates (R_med ≥ 1000) in a run of this layer, so both sides are compared on "
+                     "R_med")
     if pairs and not names:
         notes.append("no layer to compare" + (": r_u and r_v compare only weights that are approximately low rank "
                                               "in every run (see geomaudit svd)" if metric in ("r_u", "r_v") else ""))

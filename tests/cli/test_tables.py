@@ -77,7 +77,8 @@ def test_the_issue_s_lost_values_are_there_at_100_columns(saved):
         s = pair["summary"]
         assert f"{s['ci_low']:.3g}–{s['ci_high']:.3g}" in [c for p in rows["95% bootstrap CI"] for c in p]
         for layer in pair["layers"]:
-            assert f"{layer['ratio']:.3g}" in [c for p in rows[layer["name"]] for c in p]
+            mark = "†" if layer.get("metric") else ""  # compared on R_med: R_med_stab saturates (c_attn)
+            assert f"{layer['ratio']:.3g}{mark}" in [c for p in rows[layer["name"]] for c in p]
     rmed = json.loads(open(saved["rmed"]).read())
     rows = printed_rows(run("report", saved["rmed"], env={"COLUMNS": "100"}).stdout)
     for layer in rmed["checkpoints"][-1]["layers"]:
