@@ -4,6 +4,17 @@ from collections.abc import Callable
 
 from .errors import ThresholdFailed, UsageError
 
+# the statistics an audit computes only when asked, and the flag that asks (the AuditConfig field, the option)
+NEEDS = {"s_med": ("geometry", "--smed"), "r_diag_mean": ("geometry", "--smed"),
+         "r_diag_median": ("geometry", "--smed")}
+
+
+def check_metric(metric: str, config) -> None:
+    """Refuse, before any work, a ``metric`` the audit of ``config`` (an ``AuditConfig``) will not compute."""
+    field, flag = NEEDS.get(metric, (None, None))
+    if field and not getattr(config, field):
+        raise UsageError(f"--metric {metric} is computed with {flag}: add {flag}")
+
 
 def fail_above(document: dict, threshold: float, metric: str, on_skip: Callable[[str], None] | None = None) -> None:
     """Fail when any audited layer's ``metric`` exceeds ``threshold`` (an undefined, infinite ratio counts).

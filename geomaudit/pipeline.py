@@ -222,7 +222,9 @@ class Auditor:
 
 def run_rmed(config: AuditConfig, progress: Progress | None = None) -> dict:
     """Audit one checkpoint, or every picked checkpoint of a trajectory on the same batch (SPEC §4)."""
+    config.validate()
     trajectory = discover(config.checkpoint, config.steps, config.every)
+    check_alignment(config, trajectory.checkpoints)
     auditor = Auditor(config, progress)
     results = []
     for n, ref in enumerate(trajectory.checkpoints, 1):
@@ -246,7 +248,13 @@ class CompareConfig:
     energy: float = 0.9
     paired: bool = False  # run i of A goes with run i of B: per-repeat ratios, interval over repeats and layers
 
-    def validate(self) -> None:
+    def settings(self) -> dict:
+        return asdict(self)
+
+    def validate(self, audit: AuditConfig) -> None:
+        """Refuse, before any work, what the comparison could not do or would ignore."""
+        from .gates import check_metric
+
         if self.reference not in ("a", "b"):
             raise UsageError(f"--reference must be a or b, got {self.reference!r}")
         if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
@@ -257,12 +265,25 @@ class CompareConfig:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if not 0 < self.energy <= 1:
             raise UsageError(f"--energy is a share of the spectrum's energy in (0, 1], got {self.energy}")
-
-    def settings(self) -> dict:
-        return asdict(self)
+        if self.levels is not None and not self.match_loss:
+            raise UsageError("--levels applies only with --match-loss")
+        check_metric(self.metric, audit)
+        extras = [flag for flag, on in (("--smed", audit.geometry), ("--alignment", audit.alignment)) if on]
+        if self.metric in SVD_METRICS and extras:
+            raise UsageError(f"--metric {self.metric} compares the weights' singular vectors, no Hessian is "
+                             f"computed: {' and '.join(extras)} would be ignored")
 
 
 SVD_METRICS = ("r_u", "r_v")
+
+
+def check_alignment(config: AuditConfig, refs) -> None:
+    """``--alignment`` reads every audited checkpoint's ``optimizer.pt``: all must be there before any work."""
+    missing = [ref.path for ref in refs if not (Path(ref.path) / "optimizer.pt").is_file()]
+    if config.alignment and missing:
+        raise InputError(f"--alignment needs the optimizer state of every audited checkpoint: "
+                         f"{Path(missing[0]) / 'optimizer.pt'} does not exist"
+                         + (f" (nor in {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def _low_rank_values(auditor: Auditor, ref: CheckpointRef, compare: "CompareConfig") -> dict[str, float]:
@@ -292,14 +313,15 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
     """Pair the checkpoints of runs A and B by step or by loss, audit the paired ones on one batch, compare."""
     from .compare import Point, compare_layers, pair_by_loss, pair_by_step, summarize
 
-    compare.validate()
     config.validate()
+    compare.validate(config)
     sides = {side: [discover(p, config.steps, config.every) for p in expand_runs(patterns)]
              for side, patterns in (("a", compare.runs_a), ("b", compare.runs_b))}
     if compare.paired and len(sides["a"]) != len(sides["b"]):
         raise UsageError(f"--paired needs as many runs in A as in B, got {len(sides['a'])} and {len(sides['b'])}")
     auditor = Auditor(config, progress)
     refs = {(str(t.root), ref.step): ref for runs in sides.values() for t in runs for ref in t.checkpoints}
+    check_alignment(config, refs.values())
     curves = {side: [[Point(str(t.root), ref.step, auditor.loss(ref), {}) for ref in t.checkpoints] for t in runs]
               for side, runs in sides.items()}
     try:

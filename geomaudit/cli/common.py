@@ -10,13 +10,34 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from .options import OUTPUT, Debug, Version
+
+
+def _quiet_help(option):
+    """``-h``/``--help`` in the Output panel, without a type: it takes no value."""
+    if option is not None:
+        option.metavar, option.rich_help_panel = "", OUTPUT
+    return option
+
+
+class Command(typer.core.TyperCommand):
+    def get_help_option(self, ctx):
+        return _quiet_help(super().get_help_option(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx):
+        return _quiet_help(super().get_help_option(ctx))
+
+
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Audit the local loss geometry an optimizer leads a neural network into "
                        "(Jiang, Malik & Li, NeurIPS 2023).")
 stderr = Console(stderr=True, emoji=False)  # a path or name with :smile: in it stays as it is
 INTERNAL_ERROR = 4
 
-JsonOption = Annotated[str | None, typer.Option("--json", metavar="PATH|-",
+JsonOption = Annotated[str | None, typer.Option("--json", metavar="PATH|-", rich_help_panel=OUTPUT,
                                                 help="Write the versioned JSON report to PATH (or stdout with -) "
                                                      "instead of printing tables.")]
 
@@ -28,14 +49,15 @@ class TableFormat(str, Enum):
 
 
 FormatOption = Annotated[TableFormat | None, typer.Option(
-    "--format", help="How tables are printed: table (laid out to the terminal, never cropped), md (Markdown) or "
-                     "csv (full precision). With --json PATH, prints them too.")]
-TableOption = Annotated[bool, typer.Option("--table", help="With --json PATH: print the tables to stdout too.")]
+    "--format", rich_help_panel=OUTPUT,
+    help="How tables are printed: table (laid out to the terminal, never cropped), md (Markdown) or csv (full "
+         "precision). With --json PATH, prints them too.")]
+TableOption = Annotated[bool, typer.Option("--table", metavar="", rich_help_panel=OUTPUT,
+                                           help="With --json PATH: print the tables to stdout too.")]
 
 
 @app.callback()
-def _root(ctx: typer.Context,
-          debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False):
+def _root(ctx: typer.Context, debug: Debug = False, version: Version = False):
     ctx.obj = {"debug": debug}
 
 
@@ -44,7 +66,7 @@ def handle_errors(ctx: typer.Context):
     """Known errors become one line on stderr and their exit code; anything else is a bug (exit 4)."""
     from ..errors import GeomauditError
 
-    debug = bool(ctx.obj and ctx.obj.get("debug"))
+    debug = bool(ctx.obj and ctx.obj.get("debug")) or bool(ctx.params.get("debug"))  # before or after the command
     try:
         yield
     except GeomauditError as err:

@@ -6,20 +6,31 @@ from typing import Annotated
 
 import typer
 
-from .common import app, handle_errors, print_tables, progress_bars, stderr, to_stdout
+from .common import Command, app, handle_errors, print_tables, progress_bars, stderr, to_stdout
+from .options import OUTPUT, PRECISION, SAMPLING, Debug, Version
+
+TRAINING = "Training"
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     ctx: typer.Context,
-    out: Annotated[str, typer.Option(help="Folder for the runs, reports and plots (must be new or empty).")]
+    out: Annotated[str, typer.Option(metavar="DIR", rich_help_panel=OUTPUT,
+                                     help="Folder for the runs, reports and plots (must be new or empty).")]
     = "geomaudit-demo",
-    steps: Annotated[int, typer.Option(help="Training steps of each run.")] = 300,
-    device: Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda …")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seeds the initialisation, the batch order and the coordinates.")] = 0,
-    text: Annotated[str | None, typer.Option(help="Train on this text file instead of the Python reference "
-                                                  "manual that ships with CPython.")] = None,
-    coords: Annotated[int, typer.Option(help="Coordinates sampled per layer.")] = 30,
+    steps: Annotated[int, typer.Option(metavar="N", rich_help_panel=TRAINING, help="Training steps of each run.")]
+    = 300,
+    device: Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=PRECISION,
+                                        help="auto (cuda if available, else cpu), cpu, cuda …")] = "auto",
+    seed: Annotated[int, typer.Option(metavar="N", rich_help_panel=TRAINING,
+                                      help="Seeds the initialisation, the batch order and the coordinates.")] = 0,
+    text: Annotated[str | None, typer.Option(metavar="FILE", rich_help_panel=TRAINING,
+                                             help="Train on this text file instead of the Python reference manual "
+                                                  "that ships with CPython.")] = None,
+    coords: Annotated[int, typer.Option(metavar="N", rich_help_panel=SAMPLING,
+                                        help="Coordinates sampled per layer.")] = 30,
+    debug: Debug = False,
+    version: Version = False,
 ):
     """Train a small GPT-2 from one initialisation with Adam and with SGD+momentum, then audit and compare."""
     with handle_errors(ctx):

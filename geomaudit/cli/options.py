@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 DEFAULT_COORDS = 200
+DEFAULT_DENSE_MAX = 2048
 
 
 class Precision(str, Enum):
@@ -33,51 +34,114 @@ class Metric(str, Enum):
     r_v = "r_v"
 
 
-Data = Annotated[str | None, typer.Option("--data", "-d", help=".jsonl/.csv/.txt text or pre-tokenized "
-                 ".safetensors/.pt. Default for a language model: the embedded English corpus.")]
-Coords = Annotated[int, typer.Option("--coords", "-n", help="Coordinates sampled per layer.")]
-Layers = Annotated[list[str] | None, typer.Option("--layers", "-l", help="Glob over parameter names (repeat for "
-                   "several); an integer N instead means every layer with N coordinates.")]
-TopK = Annotated[int, typer.Option(help="k of R_topk: the k-th largest |H_ii| over the median.")]
-BatchSize = Annotated[int | None, typer.Option(help="Examples in the audit batch, a seeded sample of the data "
-                      "[default: the whole file of tensors; 32 of a text file]", show_default=False)]
-MicroBatch = Annotated[int | None, typer.Option(help="Examples per forward pass (default: the whole batch); the "
-                       "Hessian is accumulated exactly.")]
-MaxLength = Annotated[int, typer.Option(help="Token limit per example for text data.")]
-Seed = Annotated[int, typer.Option(help="Seeds coordinate sampling, MLM masking and new heads.")]
-Device = Annotated[str, typer.Option(help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 …")]
-PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, tf32 matmuls, or fp64.")]
-TaskOpt = Annotated[Task, typer.Option("--task", help="Loss of a Hugging Face model; auto reads config.json; "
-                    "custom: the model's own loss from labels.")]
-Model = Annotated[str | None, typer.Option("--model", help="module:factory returning the nn.Module of a "
-                  "state-dict checkpoint.")]
-Loss = Annotated[str | None, typer.Option("--loss", help="module:fn called as fn(model, batch) -> the loss, a mean "
-                 "over examples, or (loss, items) for a mean over items (tokens); default model(**batch).loss.")]
-AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Unpickle .pt/.bin files that need code "
-                        "execution. Only for files you trust.")]
-ChunkSize = Annotated[int | None, typer.Option(help="Hessian-vector products per batch (default: automatic, "
-                      "halved on out-of-memory).")]
-Steps = Annotated[str | None, typer.Option(help="Checkpoints of a trajectory to audit, e.g. 500,1000 "
-                  "(default: all).")]
-Every = Annotated[int | None, typer.Option(help="Audit the checkpoints whose step is a multiple of N.")]
-CacheDir = Annotated[str | None, typer.Option(help="Where finished work is kept (default: $GEOMAUDIT_CACHE_DIR, "
-                     "else ~/.cache/geomaudit).")]
-NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the result cache.")]
-MetricOpt = Annotated[Metric, typer.Option("--metric", help="Statistic the thresholds and ratios use "
-                      "(r_med_stab: footnote 8, as in the paper's tables; s_med and r_diag_* need --smed; "
-                      "r_u and r_v compare the low-rank weights of `geomaudit svd`).")]
-Smed = Annotated[bool, typer.Option("--smed", help="Also S_med (App. A.9) and r_diag (App. F) from the same "
-                 "Hessian columns.")]
-Slq = Annotated[bool, typer.Option("--slq", help="With --smed: S_med of layers above --dense-max from a stochastic "
-                "Lanczos estimate of the whole block's spectrum instead of the sampled submatrix.")]
-Across = Annotated[list[str] | None, typer.Option("--across", help="With --smed: glob of layers whose Hessian "
-                   "columns are taken together, for r_diag across layers (Fig. 15); repeat for several.")]
-Alignment = Annotated[bool, typer.Option("--alignment", help="Also how the true gradient and Adam's step align "
-                      "with |H_ii| (App. A.6; reads the checkpoint's optimizer.pt).")]
-Merge = Annotated[bool, typer.Option("--merge", help="For a PEFT adapter folder: audit the base model with the "
-                 "adapter merged into its weights, instead of the adapter's own tensors.")]
-DenseMax = Annotated[int, typer.Option(help="With --smed: layers of at most this many entries get the dense "
-                     "Hessian block; larger ones the submatrix of the sampled coordinates.")]
+class RmedMetric(str, Enum):
+    """The statistics ``rmed`` computes (``r_u``, ``r_v`` are ``svd``'s)."""
+
+    r_med = "r_med"
+    r_med_stab = "r_med_stab"
+    r_topk = "r_topk"
+    s_med = "s_med"
+    r_diag_mean = "r_diag_mean"
+    r_diag_median = "r_diag_median"
+
+
+# help panels: every option of a command is listed under one of these
+INPUT, SAMPLING, STATISTICS, PRECISION, PAIRING, OUTPUT, GATES = (
+    "Input", "Sampling", "Statistics", "Precision and device", "Pairing", "Output", "Gates (CI)")
+
+
+def flag(*names: str, help: str, panel: str):
+    """A boolean flag: no value, so no type shown."""
+    return typer.Option(*names, help=help, rich_help_panel=panel, metavar="")
+
+
+Data = Annotated[str | None, typer.Option("--data", "-d", metavar="FILE", rich_help_panel=INPUT,
+                                          help=".jsonl/.csv/.txt text or pre-tokenized .safetensors/.pt. Default "
+                                               "for a language model: the embedded English corpus.")]
+Coords = Annotated[int, typer.Option("--coords", "-n", metavar="N", rich_help_panel=SAMPLING,
+                                     help="Coordinates sampled per layer.")]
+Layers = Annotated[list[str] | None, typer.Option("--layers", "-l", metavar="GLOB|N", rich_help_panel=SAMPLING,
+                                                  help="Glob over parameter names (repeat for several); an integer "
+                                                       "N instead means every layer with N coordinates.")]
+TopK = Annotated[int, typer.Option(metavar="K", rich_help_panel=STATISTICS,
+                                   help="k of R_topk: the k-th largest |H_ii| over the median.")]
+BatchSize = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=INPUT, show_default=False,
+                                               help="Examples in the audit batch, a seeded sample of the data "
+                                                    "\\[default: the whole file of tensors; 32 of a text file]")]
+MicroBatch = Annotated[int | None, typer.Option(metavar="M", rich_help_panel=PRECISION,
+                                                help="Examples per forward pass (default: the whole batch); the "
+                                                     "Hessian is accumulated exactly.")]
+MaxLength = Annotated[int, typer.Option(metavar="N", rich_help_panel=INPUT,
+                                        help="Token limit per example for text data.")]
+Seed = Annotated[int, typer.Option(metavar="N", rich_help_panel=SAMPLING,
+                                   help="Seeds coordinate sampling, MLM masking and new heads.")]
+Device = Annotated[str, typer.Option(metavar="DEVICE", rich_help_panel=PRECISION,
+                                     help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 …")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", rich_help_panel=PRECISION,
+                                                 help="fp32, tf32 matmuls, or fp64.")]
+TaskOpt = Annotated[Task, typer.Option("--task", rich_help_panel=INPUT,
+                                       help="Loss of a Hugging Face model; auto reads config.json; custom: the "
+                                            "model's own loss from labels.")]
+Model = Annotated[str | None, typer.Option("--model", metavar="MODULE:FACTORY", rich_help_panel=INPUT,
+                                           help="A callable returning the nn.Module of a state-dict checkpoint.")]
+Loss = Annotated[str | None, typer.Option("--loss", metavar="MODULE:FN", rich_help_panel=INPUT,
+                                          help="Called as fn(model, batch) -> the loss, a mean over examples, or "
+                                               "(loss, items) for a mean over items (tokens); default "
+                                               "model(**batch).loss.")]
+AllowPickle = Annotated[bool, flag("--allow-pickle", panel=INPUT,
+                                   help="Unpickle .pt/.bin files that need code execution. Only for files you "
+                                        "trust.")]
+ChunkSize = Annotated[int | None, typer.Option(metavar="K", rich_help_panel=PRECISION,
+                                               help="Hessian-vector products per batch (default: automatic, "
+                                                    "halved on out-of-memory).")]
+Steps = Annotated[str | None, typer.Option(metavar="S,S,…", rich_help_panel=INPUT,
+                                           help="Checkpoints of a trajectory to audit, e.g. 500,1000 (default: "
+                                                "all).")]
+Every = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=INPUT,
+                                           help="Audit the checkpoints whose step is a multiple of N.")]
+CacheDir = Annotated[str | None, typer.Option(metavar="DIR", rich_help_panel=OUTPUT,
+                                              help="Where finished work is kept (default: $GEOMAUDIT_CACHE_DIR, "
+                                                   "else ~/.cache/geomaudit).")]
+NoCache = Annotated[bool, flag("--no-cache", panel=OUTPUT, help="Neither read nor write the result cache.")]
+CompareMetric = Annotated[Metric, typer.Option("--metric", rich_help_panel=PAIRING,
+                                               help="Statistic compared (r_med_stab: footnote 8, as in the paper's "
+                                                    "tables; s_med and r_diag_* need --smed; r_u and r_v compare "
+                                                    "the low-rank weights of `geomaudit svd`).")]
+GateMetric = Annotated[RmedMetric | None, typer.Option("--metric", rich_help_panel=GATES,
+                                                       help="Statistic the gates use (default r_med_stab; s_med and "
+                                                            "r_diag_* need --smed).")]
+Smed = Annotated[bool, flag("--smed", panel=STATISTICS,
+                            help="Also S_med (App. A.9) and r_diag (App. F) from the same Hessian columns.")]
+Slq = Annotated[bool, flag("--slq", panel=STATISTICS,
+                           help="With --smed: S_med of layers above --dense-max from a stochastic Lanczos estimate "
+                                "of the whole block's spectrum instead of the sampled submatrix.")]
+Across = Annotated[list[str] | None, typer.Option("--across", metavar="GLOB", rich_help_panel=STATISTICS,
+                                                  help="With --smed: glob of layers whose Hessian columns are taken "
+                                                       "together, for r_diag across layers (Fig. 15); repeat for "
+                                                       "several.")]
+Alignment = Annotated[bool, flag("--alignment", panel=STATISTICS,
+                                 help="Also how the true gradient and Adam's step align with |H_ii| (App. A.6; "
+                                      "reads each checkpoint's optimizer.pt).")]
+Merge = Annotated[bool, flag("--merge", panel=INPUT,
+                             help="For a PEFT adapter folder: audit the base model with the adapter merged into "
+                                  "its weights, instead of the adapter's own tensors.")]
+DenseMax = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=STATISTICS,
+                                              help="With --smed: layers of at most this many entries get the dense "
+                                                   "Hessian block, larger ones the submatrix of the sampled "
+                                                   "coordinates \\[default: 2048].")]
+Debug = Annotated[bool, flag("--debug", panel=OUTPUT, help="Show the full traceback of an error.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"geomaudit {__version__}")
+        raise typer.Exit()
+
+
+Version = Annotated[bool, typer.Option("--version", metavar="", callback=_version, is_eager=True,
+                                       rich_help_panel=OUTPUT, help="Print the version and exit.")]
 
 
 def split_layers(values: list[str], coords: int) -> tuple[tuple[str, ...], int]:
@@ -105,13 +169,28 @@ def parse_numbers(text: str | None, option: str, kind: type = int) -> tuple | No
 def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
     """The library's ``AuditConfig`` from a command's shared options (its ``locals()``)."""
     from ..cache import default_cache_dir
+    from ..errors import UsageError
     from ..pipeline import AuditConfig
 
     o = options
-    globs, n = split_layers(o["layers"] or [], o["coords"])
-    cache = None if o["no_cache"] else str(o["cache_dir"] or default_cache_dir())
-    return AuditConfig(checkpoint, o["data"], n, globs, o["topk"], o["batch_size"], o["micro_batch"],
-                       o["max_length"], o["seed"], o["device"], o["precision"].value, o["task"].value, o["model"],
-                       o["loss"], o["allow_pickle"], o["chunk_size"], parse_numbers(o["steps"], "--steps"),
-                       o["every"], loss_from, cache, o["smed"], o["dense_max"], o["slq"],
-                       tuple(o["across"] or ()), o["alignment"], o["merge"])
+    if o["dense_max"] is not None and not o["smed"]:
+        raise UsageError("--dense-max chooses how --smed computes S_med: it needs --smed")
+    globs, coords = split_layers(o["layers"] or [], o["coords"])
+    return AuditConfig(
+        checkpoint=checkpoint, data=o["data"], coords=coords, layers=globs, topk=o["topk"],
+        batch_size=o["batch_size"], micro_batch=o["micro_batch"], max_length=o["max_length"], seed=o["seed"],
+        device=o["device"], precision=o["precision"].value, task=o["task"].value, model=o["model"], loss=o["loss"],
+        allow_pickle=o["allow_pickle"], chunk_size=o["chunk_size"], steps=parse_numbers(o["steps"], "--steps"),
+        every=o["every"], loss_from=loss_from,
+        cache_dir=None if o["no_cache"] else str(o["cache_dir"] or default_cache_dir()), geometry=o["smed"],
+        dense_max=DEFAULT_DENSE_MAX if o["dense_max"] is None else o["dense_max"], slq=o["slq"],
+        across=tuple(o["across"] or ()), alignment=o["alignment"], merge=o["merge"])
+
+
+def gate_metric(metric: "RmedMetric | None", gated: bool) -> str:
+    """The statistic the gates use; ``--metric`` without a gate would be ignored, so it is refused."""
+    from ..errors import UsageError
+
+    if metric is not None and not gated:
+        raise UsageError(f"--metric {metric.value} picks the statistic of a gate: add --fail-above")
+    return "r_med_stab" if metric is None else metric.value

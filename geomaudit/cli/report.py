@@ -4,23 +4,27 @@ from typing import Annotated
 
 import typer
 
-from .common import FormatOption, app, emit, handle_errors, stderr
-from .options import Metric
+from .common import Command, FormatOption, app, emit, handle_errors, stderr
+from .options import OUTPUT, Debug, RmedMetric, Version
 
 SCHEMA_PREFIX = "geomaudit.report/"
 READS_MAJOR = 1
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     ctx: typer.Context,
-    result: Annotated[str, typer.Argument(help="A JSON report written by geomaudit rmed, compare or svd --json.")],
-    plot: Annotated[str | None, typer.Option("--plot", metavar="OUT.png", help="Draw the report to a PNG instead "
-                                             "of printing tables (needs matplotlib: pip install "
-                                             "'geomaudit\\[plot]').")] = None,
-    metric: Annotated[Metric | None, typer.Option("--metric", help="With --plot, for rmed reports: the statistic "
-                                                  "drawn (default r_med_stab).")] = None,
+    result: Annotated[str, typer.Argument(metavar="RESULT.json", help="A JSON report written by geomaudit rmed, "
+                                          "compare or svd --json.")],
+    plot: Annotated[str | None, typer.Option("--plot", metavar="OUT.png", rich_help_panel=OUTPUT,
+                                             help="Draw the report to a PNG instead of printing tables (needs "
+                                                  "matplotlib: pip install 'geomaudit\\[plot]').")] = None,
+    metric: Annotated[RmedMetric | None, typer.Option("--metric", rich_help_panel=OUTPUT,
+                                                      help="With --plot, for rmed reports: the statistic drawn "
+                                                           "(default r_med_stab).")] = None,
     format: FormatOption = None,
+    debug: Debug = False,
+    version: Version = False,
 ):
     """Print a saved report's tables again, or plot it: R_med per layer over steps, matched losses, spectra."""
     with handle_errors(ctx):

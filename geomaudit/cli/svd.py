@@ -9,38 +9,44 @@ from typing import Annotated
 import typer
 
 from . import options as o
-from .common import (FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
-                     emit, handle_errors, progress_bars, stderr)
+from .common import (Command, FormatOption, JsonOption, TableOption, app, check_json_target, check_tables, emit,
+                     handle_errors, progress_bars, stderr)
 
 CONVENTION = "(out, in); GPT-2 Conv1D weights transposed"
 DEFAULT_ENERGY = 0.9
 TOP = 10
 EXACT_MAX = 4096
 
-Layers = Annotated[list[str] | None, typer.Option("--layers", "-l", help="Glob over parameter names (repeat for "
-                   "several); default: every weight. Tensors with fewer than 2 dimensions are skipped.")]
-Rank = Annotated[int | None, typer.Option(help="Keep the top k singular triplets for R_u, R_v and the low-rank "
-                 "flag (instead of --energy).")]
-Energy = Annotated[float | None, typer.Option(help="Keep the smallest k whose singular values hold this share of "
-                   "Σσ² = ‖W‖_F² (default 0.9).")]
+Layers = Annotated[list[str] | None, typer.Option("--layers", "-l", metavar="GLOB", rich_help_panel=o.SAMPLING,
+                                                  help="Glob over parameter names (repeat for several); default: "
+                                                       "every weight. Tensors with fewer than 2 dimensions are "
+                                                       "skipped.")]
+Rank = Annotated[int | None, typer.Option(metavar="K", rich_help_panel=o.STATISTICS,
+                                          help="Keep the top k singular triplets for R_u, R_v and the low-rank "
+                                               "flag (instead of --energy).")]
+Energy = Annotated[float | None, typer.Option(metavar="E", rich_help_panel=o.STATISTICS,
+                                              help="Keep the smallest k whose singular values hold this share of "
+                                                   "Σσ² = ‖W‖_F² \\[default: 0.9].")]
 
 
-@app.command()
+@app.command(cls=Command)
 def svd(
     ctx: typer.Context,
-    checkpoint: Annotated[str, typer.Argument(help="A Hugging Face save_pretrained directory, a state-dict file "
-                                                   "with --model, or a run directory of checkpoints.")],
+    checkpoint: Annotated[str, typer.Argument(metavar="CKPT", help="A Hugging Face save_pretrained directory, a "
+                                              "state-dict file with --model, or a run directory of checkpoints.")],
+    model: o.Model = None,
+    allow_pickle: o.AllowPickle = False,
+    merge: o.Merge = False,
+    steps: o.Steps = None,
+    every: o.Every = None,
     layers: Layers = None,
     rank: Rank = None,
     energy: Energy = None,
     json_path: JsonOption = None,
     format: FormatOption = None,
     table: TableOption = False,
-    steps: o.Steps = None,
-    every: o.Every = None,
-    model: o.Model = None,
-    allow_pickle: o.AllowPickle = False,
-    merge: o.Merge = False,
+    debug: o.Debug = False,
+    version: o.Version = False,
 ):
     """Singular spectrum, effective rank, low-rank flag, R_u and R_v per weight matrix (no data needed)."""
     with handle_errors(ctx):

@@ -202,16 +202,26 @@ def test_gates(trainer_runs, tmp_path):
 def test_compare_errors(trainer_runs, tmp_path):
     a, b = str(trainer_runs["adam-0"]), str(trainer_runs["sgd-0"])
     assert "matches no file" in run("compare", a, str(tmp_path / "nothing-*"), *FAST, code=3).stderr
-    assert "--reference must be a or b" in run("compare", a, b, "--reference", "c", *FAST, code=2).stderr
-    assert "--loss-from must be one of" in run("compare", a, b, "--loss-from", "x", *FAST, code=2).stderr
-    assert "comma-separated numbers" in run("compare", a, b, "--levels", "low", *FAST, code=2).stderr
+    assert "is not one of" in run("compare", a, b, "--reference", "c", *FAST, code=2).stderr
+    assert "is not one of" in run("compare", a, b, "--loss-from", "x", *FAST, code=2).stderr
+    assert "comma-separated numbers" in run("compare", a, b, "--match-loss", "--levels", "low", *FAST, code=2).stderr
     for option, value, phrase in (("--tolerance", "-1", "--tolerance is a relative distance, at least 0"),
                                   ("--tolerance", "nan", "--tolerance is a relative distance"),
                                   ("--levels", "0.5,-1", "--levels takes positive losses, got 0.5,-1.0"),
                                   ("--levels", "inf", "--levels takes positive losses"),
                                   ("--energy", "0", "--energy is a share"), ("--rank", "0", "--rank must be")):
-        result = run("compare", a, b, "--match-loss", option, value, *FAST, code=2)
+        metric = ["--metric", "r_u"] if option in ("--energy", "--rank") else []
+        result = run("compare", a, b, "--match-loss", *metric, option, value, *FAST, code=2)
         assert phrase in result.stderr and "loading" not in result.stderr  # before any checkpoint is read
+    from geomaudit.errors import UsageError
+    from geomaudit.pipeline import AuditConfig, CompareConfig
+
+    with pytest.raises(UsageError, match="--reference must be a or b"):
+        CompareConfig((a,), (b,), reference="c").validate(AuditConfig(a))
+    with pytest.raises(UsageError, match="--loss-from must be one of"):
+        AuditConfig(a, loss_from="x").validate()
+    with pytest.raises(UsageError, match="--levels applies only with --match-loss"):
+        CompareConfig((a,), (b,), levels=(1.0,)).validate(AuditConfig(a))
 
 
 def test_runs_without_a_common_step(trainer_runs, tiny_gpt2_dir):
@@ -273,4 +283,4 @@ def test_compare_r_u_of_low_rank_weights_matches_geomaudit_svd(trainer_runs):
                 "--metric", "r_u", "--batch-size", "4").stdout
     assert "no layer to compare" in table
     gate = run("rmed", str(parent / "adam-0"), *FAST, "--steps", "6", "--metric", "r_u", "--fail-above", "2", code=2)
-    assert "--metric r_u is not among this audit's statistics" in gate.stderr
+    assert "is not one of" in gate.stderr  # rmed --metric lists only what rmed computes

@@ -64,7 +64,7 @@ def test_plot_metric_is_a_statistic_of_an_rmed_report(reports, tmp_path):
                                       code=2).stderr
     assert "compared r_med_stab" in run("report", reports["compare"][0], "--plot", out, "--metric", "r_med",
                                         code=2).stderr
-    assert "plots its spectra" in run("report", reports["svd"][0], "--plot", out, "--metric", "r_u", code=2).stderr
+    assert "plots its spectra" in run("report", reports["svd"][0], "--plot", out, "--metric", "r_med", code=2).stderr
 
 
 def test_plot_of_a_compare_without_comparable_layers(reports, tmp_path):
