@@ -122,6 +122,6 @@ def compare(
         if speaks:
             emit(document, json_path, compare_tables, format and format.value, table)
         if fail_if_ratio_below is not None:
-            from ..gates import fail_if_ratio_below as gate
+            from ..gates import conclude, fail_if_ratio_below as gate
 
-            gate(document, fail_if_ratio_below)
+            conclude([gate(document, fail_if_ratio_below)])

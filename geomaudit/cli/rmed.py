@@ -47,16 +47,23 @@ def rmed(
     fail_above: Annotated[float | None, typer.Option(metavar="R", rich_help_panel=o.GATES,
                                                      help="Exit 1 when a layer's --metric is above R.")] = None,
     metric: o.GateMetric = None,
+    baseline: Annotated[str | None, typer.Option(metavar="REPORT.json", rich_help_panel=o.GATES,
+                                                 help="An earlier rmed --json report of this model on the same "
+                                                      "data, coordinates and steps, for --fail-if-increase.")] = None,
+    fail_if_increase: Annotated[float | None, typer.Option(metavar="X", rich_help_panel=o.GATES,
+                                                           help="Exit 1 when a layer's --metric is more than X times "
+                                                                "its value in --baseline.")] = None,
 ):
     """Per-layer R_med, R_med_stab, R_topk and zero fraction of the exact Hessian diagonal."""
     with handle_errors(ctx):
-        from ..gates import check_metric, fail_above as gate
+        from .. import gates
 
         check_json_target(json_path)
         check_tables(json_path, format and format.value, table)
         config = o.audit_config(checkpoint, locals())
-        gate_metric = o.gate_metric(metric, fail_above is not None)
-        check_metric(gate_metric, config)
+        gate_metric = o.gate_metric(metric, fail_above is not None or fail_if_increase is not None)
+        gates.check_metric(gate_metric, config)
+        earlier = _baseline(baseline, fail_if_increase, config, gate_metric)
         from ..pipeline import run_rmed
         from ..report.tables import rmed_tables
 
@@ -67,6 +74,30 @@ def rmed(
                          f"initialised from --seed {seed}", highlight=False, soft_wrap=True)
         if speaks:
             emit(document, json_path, rmed_tables, format and format.value, table)
+
+        def note(text: str) -> None:
+            stderr.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
+
+        reasons = []
         if fail_above is not None:
-            gate(document, fail_above, gate_metric,
-                 lambda note: stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True))
+            reasons.append(gates.fail_above(document, fail_above, gate_metric, note))
+        if earlier is not None:
+            reasons.append(gates.fail_if_increase(document, earlier, baseline, fail_if_increase, gate_metric, note))
+        gates.conclude(reasons)
+
+
+def _baseline(path: str | None, factor: float | None, config, metric: str) -> dict | None:
+    """The --baseline report, read and checked before any work; the two options go together."""
+    from ..errors import UsageError
+    from ..gates import check_baseline
+    from .report import read_report
+
+    if (path is None) != (factor is None):
+        raise UsageError("--baseline and --fail-if-increase go together: the gate compares with the baseline")
+    if path is None:
+        return None
+    if not factor > 0:
+        raise UsageError(f"--fail-if-increase is a factor above 0, got {factor}")
+    document = read_report(path)
+    check_baseline(document, path, config, metric)
+    return document
