@@ -3,9 +3,11 @@ is exit 5 with one sentence, and leaves no file."""
 
 import json
 import os
+import re
 import resource
 import signal
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -86,24 +88,31 @@ def test_a_link_put_in_place_during_the_work_is_not_replaced(tmp_path):
     assert target.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
-@pytest.fixture
-def small_files():
-    """Files larger than 64 bytes cannot be written (RLIMIT_FSIZE): a disk that is full for this process."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal that kills
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
+def full_disk():
+    """In the child process: files larger than 64 bytes cannot be written (RLIMIT_FSIZE), EFBIG instead of the
+    signal that kills. A child, so pytest's own output (a file in CI) is never under the limit."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
-def test_a_full_disk_is_an_output_error_and_leaves_no_file(tmp_path, small_files):
-    from geomaudit.errors import OutputError
-    from geomaudit.report.document import write_json
+WRITE = """
+import sys
+from geomaudit.errors import OutputError
+from geomaudit.report.document import write_json
+try:
+    write_json({"values": list(range(100))}, sys.argv[1])
+except OutputError as error:
+    print(error.exit_code, error)
+"""
 
-    with pytest.raises(OutputError, match=r"cannot write .*r.json: File too large") as caught:
-        write_json({"values": list(range(100))}, tmp_path / "r.json")
-    assert caught.value.exit_code == 5 and list(tmp_path.iterdir()) == []
+
+def test_a_full_disk_is_an_output_error_and_leaves_no_file(tmp_path):
+    child = subprocess.run(
+        [sys.executable, "-c", WRITE, str(tmp_path / "r.json")],
+        capture_output=True, text=True, preexec_fn=full_disk, check=True,
+    )
+    assert re.fullmatch(r"5 cannot write .*r.json: File too large\n", child.stdout), child
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_read_only_folder_is_an_output_error_before_the_work(tiny_gpt2_dir, tmp_path):
