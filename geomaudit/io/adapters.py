@@ -39,7 +39,11 @@ def adapter_config(path: Path) -> dict:
 
 def base_model(path: Path) -> Path:
     """The folder of the adapter's base model: a local path, or a hub id from the local Hugging Face cache."""
-    return locate(adapter_config(path)["base_model_name_or_path"], what=f"the base model of the adapter {path}")
+    try:
+        return locate(adapter_config(path)["base_model_name_or_path"], what="the adapter's base model")
+    except InputError as err:
+        raise InputError(f"{err}: point base_model_name_or_path in {path / ADAPTER_CONFIG} at the base model's "
+                         "folder") from err
 
 
 def adapter_weights(path: Path) -> Path:

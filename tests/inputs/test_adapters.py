@@ -209,7 +209,7 @@ def test_adapter_errors(adapter, tiny_gpt2_dir, tmp_path):
     _tokens(300, tmp_path / "t.safetensors")
     data = ("--data", str(tmp_path / "t.safetensors"), "--coords", "2")
     fail(["rmed", _edit_config(adapter, tmp_path, base_model_name_or_path=str(tmp_path / "gone")), *data], 3,
-         "the base model of the adapter", "does not exist")
+         "the adapter's base model", "does not exist: point base_model_name_or_path in")
     shutil.rmtree(tmp_path / "edited")
     fail(["rmed", _edit_config(adapter, tmp_path, base_model_name_or_path=None), *data], 3, "names no base model")
     (tmp_path / "edited" / "adapter_config.json").write_text("{not json")
