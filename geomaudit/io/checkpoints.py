@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, UsageError
+from . import guards
 from .tasks import IGNORE_INDEX, TASKS, Task, infer_task, model_class, model_output_loss, task_row  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
@@ -144,6 +145,10 @@ def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
         raise UsageError("--loss needs --model: a Hugging Face checkpoint uses its own loss")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    guards.refuse_remote_code(path)
+    state = _pickled_state(path, opts.allow_pickle)
+    shapes = guards.tensor_shapes(path, state)
+    guards.check_config_sizes(path, shapes)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as err:
@@ -152,24 +157,25 @@ def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
     task = infer_task(architecture, opts.has_labels) if opts.task == "auto" else TASKS[opts.task]
     new_head = task.auto_class is not None and not task.matches(architecture)
     auto_class = model_class(task, architecture)
-    state = _pickled_state(path, opts.allow_pickle)
+    cls = auto_class._model_mapping[type(config)] if task.auto_class and type(config) in auto_class._model_mapping \
+        else auto_class
+    if opts.num_labels and new_head and task.class_labels:
+        config.num_labels = opts.num_labels
+    guards.check_parameter_count(path, cls, config, shapes, new_head)
     torch.manual_seed(opts.seed)
     try:
-        if opts.num_labels and new_head and task.class_labels:
-            config.num_labels = opts.num_labels
         if state is None:
             model, info = auto_class.from_pretrained(
                 path, config=config, local_files_only=True, attn_implementation="eager", dtype=torch.float32,
-                output_loading_info=True, trust_remote_code=False)
+                output_loading_info=True, trust_remote_code=False, ignore_mismatched_sizes=True)
         else:
-            cls = auto_class._model_mapping[type(config)] if task.auto_class else auto_class
             model, info = cls.from_pretrained(
                 None, config=config, state_dict=state, attn_implementation="eager", dtype=torch.float32,
-                output_loading_info=True)
+                output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as err:
         raise InputError(f"cannot load the checkpoint {path}: {_first_line(err)}") from err
-    return LoadedModel(model.eval(), task, str(path), "huggingface", load_tokenizer(path),
-                       sorted(info["missing_keys"]))
+    initialised = guards.check_loaded(path, model, info, new_head)
+    return LoadedModel(model.eval(), task, str(path), "huggingface", load_tokenizer(path), initialised)
 
 
 def load_tokenizer(path: Path):

@@ -221,7 +221,7 @@ def test_more_checkpoint_errors(plain, tiny_gpt2_dir, tmp_path):
     bad_config = tmp_path / "bad-config"
     shutil.copytree(tiny_gpt2_dir, bad_config)
     (bad_config / "config.json").write_text("{not json")
-    fail(["rmed", str(bad_config)], 3, "cannot read")
+    fail(["rmed", str(bad_config)], 3, "config.json is not valid JSON")
     bad_tok = tmp_path / "bad-tokenizer"
     shutil.copytree(tiny_gpt2_dir, bad_tok)
     (bad_tok / "tokenizer.json").write_text("{broken")

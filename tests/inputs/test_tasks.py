@@ -4,6 +4,7 @@ Oracles: the unsplit batch, a hand-written fp64 token-mean cross-entropy, and th
 """
 
 import json
+import shutil
 import sys
 import textwrap
 
@@ -152,6 +153,7 @@ def test_task_rows_and_loading_errors(tiny_gpt2_dir, tmp_path):
     folder.mkdir()
     config = json.loads((tiny_gpt2_dir / "config.json").read_text()) | {"architectures": ["GPT2NoSuchHead"]}
     (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(tiny_gpt2_dir / "model.safetensors", folder)
     with pytest.raises(InputError, match="has no model class GPT2NoSuchHead"):
         load_checkpoint(folder, task="custom")
 
