@@ -145,6 +145,11 @@ class Auditor:
             self.model_info = loaded.describe()
         loaded.model.to(device=self.device, dtype=self.dtype)
         micro = self.batch.micro_batches(loaded, c.micro_batch or self.batch.examples, self.device, self.dtype)
+        if self.dtype == torch.float64 and self.model_info.get("float32_modules") is None:
+            lowered = self.model_info["float32_modules"] = loaded.check_precision(micro[0].tensors)
+            if lowered:
+                self.progress.status(f"warning: {len(lowered)} module(s) computed below float64 in this fp64 audit, "
+                                     f"so its numbers are only float32-accurate: {', '.join(lowered)}")
         self._loaded = (path, loaded, micro)
         return loaded, micro
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, UsageError
 from . import guards
+from .precision import KeepFloat64, float32_modules, is_float64
 from .tasks import IGNORE_INDEX, TASKS, Task, infer_task, model_class, model_output_loss, task_row  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
@@ -47,9 +48,18 @@ class LoadedModel:
     initialised: list[str] = field(default_factory=list)
     custom_loss: LossFn | None = None
     base: str | None = None  # the base model folder of a PEFT adapter
+    float32_modules: list[str] | None = None  # in an fp64 audit: modules that computed in a lower precision
 
     def loss_fn(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-        """The audited loss of ``batch``: a scalar mean."""
+        """The audited loss of ``batch``: a scalar mean; for a float64 model, computed in float64 throughout
+        (``precision.KeepFloat64``)."""
+        if not is_float64(model):
+            return self.plain_loss(model, batch)
+        with KeepFloat64():
+            return self.plain_loss(model, batch)
+
+    def plain_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """The loss as the model's code computes it, in whatever precisions that code asks for."""
         if self.custom_loss is None:
             return self.task.loss(model, batch)
         return self._custom(model, batch)[0]
@@ -76,9 +86,19 @@ class LoadedModel:
                              "≥ 0: how many terms the mean loss averages over")
         return out[0], items
 
+    def check_precision(self, batch: Mapping[str, Tensor]) -> list[str]:
+        """For a float64 model: the modules that still computed in a lower precision on ``batch``
+        (``precision.float32_modules``), kept in ``float32_modules`` for the report."""
+        try:
+            self.float32_modules = float32_modules(self.model, self.plain_loss, batch)
+        except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as err:
+            raise InputError(f"the data does not fit the model: {_first_line(err)}") from err
+        return self.float32_modules
+
     def describe(self) -> dict:
         return {"path": self.path, "format": self.format, "class": type(self.model).__name__,
-                "task": self.task.name, "initialised": self.initialised, "base": self.base}
+                "task": self.task.name, "initialised": self.initialised, "base": self.base,
+                "float32_modules": self.float32_modules}
 
 
 @dataclass(frozen=True)

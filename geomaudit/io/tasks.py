@@ -132,11 +132,15 @@ def label_ids(values: Sequence, config) -> list[int]:
 
 
 def _own_tokens(tensors: dict, examples: Examples, loaded, seed: int) -> dict:
-    """Causal LM: the labels are the input tokens (padding ignored); the loss shifts them."""
+    """Causal LM: the labels are the input tokens; the loss shifts them. Padding is ignored, and so is a token
+    that would be predicted from padding (the first token after left padding): its logits come from a row of
+    attention with every key masked, which is no prediction at all."""
     if "labels" not in tensors:
         labels = tensors["input_ids"].clone()
         if "attention_mask" in tensors:
-            labels[tensors["attention_mask"] == 0] = IGNORE_INDEX
+            padding = tensors["attention_mask"] == 0
+            labels[padding] = IGNORE_INDEX
+            labels[:, 1:][padding[:, :-1]] = IGNORE_INDEX
         tensors["labels"] = labels
     return tensors
 

@@ -57,6 +57,9 @@ def rmed_tables(document: dict) -> list[Grid]:
             a = ckpt["across"]
             notes.add(f"r_diag across {', '.join(a['layers'])}: mean {fmt(a['r_diag_mean'])}, "
                       f"median {fmt(a['r_diag_median'])}")
+        if document["model"].get("float32_modules"):
+            notes.add(f"not fp64 throughout, numbers only float32-accurate: "
+                      f"{', '.join(document['model']['float32_modules'])} computed below float64")
         grid.caption = "\n".join(sorted(notes))
         grids.append(grid)
     return grids
