@@ -92,7 +92,7 @@ MAX_NEW_LABELS = 100_000
 def _label_count(records) -> int | None:
     """Classes of a new classification head: the largest integer label + 1 (at least 2), at most
     ``MAX_NEW_LABELS`` (one stray huge label would otherwise build a head of that many rows)."""
-    labels = records.labels if isinstance(records, TextRecords) else None
+    labels = None if records is None or isinstance(records, dict) else records.labels  # text or image folders
     integer = re.compile(r"-?\d{1,18}")
     if not labels or not all((isinstance(v, int) and not isinstance(v, bool)) or
                              (isinstance(v, str) and integer.fullmatch(v)) for v in labels):

@@ -18,8 +18,11 @@ class Precision(str, Enum):
 class Task(str, Enum):
     auto = "auto"
     causal_lm = "causal-lm"
+    seq2seq_lm = "seq2seq-lm"
     masked_lm = "masked-lm"
     classification = "classification"
+    token_classification = "token-classification"
+    image_classification = "image-classification"
     custom = "custom"
 
 

@@ -49,6 +49,7 @@ class LoadedModel:
     custom_loss: LossFn | None = None
     base: str | None = None  # the base model folder of a PEFT adapter
     float32_modules: list[str] | None = None  # in an fp64 audit: modules that computed in a lower precision
+    processor: object | None = None  # the checkpoint's image processor, for image folders
 
     def loss_fn(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """The audited loss of ``batch``: a scalar mean; for a float64 model, computed in float64 throughout
@@ -174,7 +175,7 @@ def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
     except Exception as err:
         raise InputError(f"cannot read {path / 'config.json'}: {_first_line(err)}") from err
     architecture = (config.architectures or [""])[0]
-    task = infer_task(architecture, opts.has_labels) if opts.task == "auto" else TASKS[opts.task]
+    task = TASKS[opts.task] if opts.task != "auto" else infer_task(architecture, opts.has_labels, config.model_type)
     new_head = task.auto_class is not None and not task.matches(architecture)
     auto_class = model_class(task, architecture)
     cls = auto_class._model_mapping[type(config)] if task.auto_class and type(config) in auto_class._model_mapping \
@@ -195,7 +196,20 @@ def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
     except Exception as err:
         raise InputError(f"cannot load the checkpoint {path}: {_first_line(err)}") from err
     initialised = guards.check_loaded(path, model, info, new_head)
-    return LoadedModel(model.eval(), task, str(path), "huggingface", load_tokenizer(path), initialised)
+    return LoadedModel(model.eval(), task, str(path), "huggingface", load_tokenizer(path), initialised,
+                       processor=load_image_processor(path))
+
+
+def load_image_processor(path: Path):
+    """The image processor saved in ``path`` (``preprocessor_config.json``), or None."""
+    import transformers
+
+    if not (path / "preprocessor_config.json").is_file():
+        return None
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as err:
+        raise InputError(f"cannot load the image processor in {path}: {_first_line(err)}") from err
 
 
 def load_tokenizer(path: Path):

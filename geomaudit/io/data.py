@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 from ..engine.hdiag import MicroBatch
 from ..errors import InputError, UsageError
 from .checkpoints import LoadedModel, read_state_dict
-from .tasks import Examples
+from .tasks import IGNORE_INDEX, Examples
 
 DEFAULT_TEXT_BATCH = 32
 CHARS_PER_TOKEN = 32  # texts are cut to this many characters per token of --max-length before tokenizing
@@ -43,6 +43,23 @@ class TextRecords:
             return None if values is None else [values[i] for i in rows]
 
         return TextRecords(pick(self.texts), pick(self.labels), pick(self.targets))
+
+
+@dataclass(frozen=True)
+class ImageRecords:
+    """Image files, each labelled with the name of the class folder it lies in."""
+
+    paths: list[Path]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, rows: Sequence[int]) -> "ImageRecords":
+        return ImageRecords([self.paths[i] for i in rows], [self.labels[i] for i in rows])
+
+
+Records = TextRecords | ImageRecords | dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -108,8 +125,9 @@ def fingerprint(tensors: Mapping[str, Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def has_labels(records: TextRecords | dict[str, Tensor]) -> bool:
-    """Whether raw examples carry labels: a ``label`` on every text record, or a ``labels`` tensor."""
+def has_labels(records: Records) -> bool:
+    """Whether raw examples carry labels: a ``label`` on every text record, class folders, or a ``labels``
+    tensor."""
     return "labels" in records if isinstance(records, dict) else records.labels is not None
 
 
@@ -126,8 +144,9 @@ def read_records(path: Path) -> TextRecords | dict[str, Tensor]:
     """Raw examples of a data file: text records, or a dict of tensors (the first format that takes it)."""
     if not path.exists():
         raise InputError(f"data file {path} does not exist")
-    if path.is_dir() and not _is_dataset_folder(path):
-        raise InputError(f"the data folder {path} is not a datasets save_to_disk folder (no state.json)")
+    if path.is_dir() and not (_is_dataset_folder(path) or _is_image_folder(path)):
+        raise InputError(f"the data folder {path} is not a datasets save_to_disk folder (no state.json), nor an "
+                         "image folder (class/image.png)")
     for fmt in DATA_FORMATS:
         if fmt.matches(path):
             return fmt.read(path)
@@ -178,13 +197,16 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def _text_rows(path: Path, rows: list[dict]) -> TextRecords:
-    """Examples from rows with a ``text`` field and, on every row or on none, a ``label``."""
+    """Examples from rows with a ``text`` field and, on every row or on none, a ``label`` (a list of one label
+    per word for token classification) and a ``target`` text (sequence-to-sequence models)."""
     if not rows:
         raise InputError(f"{path} holds no examples")
     if any("text" not in r for r in rows):
         raise InputError(f"{path}: every example needs a `text` field")
     labelled = all(r.get("label") not in (None, "") for r in rows)
-    return TextRecords([str(r["text"]) for r in rows], [r["label"] for r in rows] if labelled else None)
+    targeted = all(isinstance(r.get("target"), str) for r in rows)
+    return TextRecords([str(r["text"]) for r in rows], [r["label"] for r in rows] if labelled else None,
+                       [r["target"] for r in rows] if targeted else None)
 
 
 def _jsonl_rows(path: Path, text: str) -> list[dict]:
@@ -224,14 +246,16 @@ def build_batch(records: TextRecords | dict[str, Tensor], loaded: LoadedModel, *
     never its first rows: a file sorted by class would give a one-class batch.
     """
     available = _count(records, source)
-    size = batch_size or (DEFAULT_TEXT_BATCH if isinstance(records, TextRecords) else available)
+    size = batch_size or (available if isinstance(records, dict) else DEFAULT_TEXT_BATCH)
     sampled = size < available
     if sampled:
         rows = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-        records = records.take(rows.tolist()) if isinstance(records, TextRecords) else {
-            k: v[rows] for k, v in records.items()}
+        records = {k: v[rows] for k, v in records.items()} if isinstance(records, dict) else records.take(
+            rows.tolist())
     if isinstance(records, TextRecords):
         tensors, examples = _tokenize(records, loaded, max_length)
+    elif isinstance(records, ImageRecords):
+        tensors, examples = _pixels(records, loaded)
     else:
         tensors, examples = dict(records), Examples()
     tensors = loaded.task.prepare(tensors, examples, loaded, seed)
@@ -241,7 +265,7 @@ def build_batch(records: TextRecords | dict[str, Tensor], loaded: LoadedModel, *
 
 def _count(records: TextRecords | dict[str, Tensor], source: str) -> int:
     """The number of examples in ``records``; tensors must agree on it along dim 0."""
-    if isinstance(records, TextRecords):
+    if not isinstance(records, dict):
         if not len(records):
             raise InputError(f"{source} holds no examples")
         return len(records)
@@ -255,7 +279,8 @@ def _count(records: TextRecords | dict[str, Tensor], source: str) -> int:
 
 def _tokenize(records: TextRecords, loaded: LoadedModel, max_length: int) -> tuple[dict[str, Tensor], Examples]:
     """Each text cut to ``CHARS_PER_TOKEN`` characters per token of ``max_length`` (a 10 MB line is not
-    tokenized whole), then tokenized, truncated at ``max_length`` and padded to the longest."""
+    tokenized whole), then tokenized, truncated at ``max_length`` and padded to the longest; target texts
+    likewise. Texts whose label is a list (one per word) are split into words at whitespace first."""
     tok = loaded.tokenizer
     if tok is None:
         raise InputError("text data needs a tokenizer: use a Hugging Face checkpoint directory with tokenizer "
@@ -266,11 +291,46 @@ def _tokenize(records: TextRecords, loaded: LoadedModel, max_length: int) -> tup
     if positions:
         max_length = min(max_length, positions)
     chars = max_length * CHARS_PER_TOKEN
-    enc = tok([t[:chars] for t in records.texts], padding=True, truncation=True, max_length=max_length,
-              return_tensors="pt", return_special_tokens_mask=True)
+    options = {"padding": True, "truncation": True, "max_length": max_length, "return_tensors": "pt"}
+    by_word = records.labels is not None and all(isinstance(v, list) for v in records.labels)
+    if by_word:
+        texts = [t.split()[:max_length] for t in records.texts]
+        for n, (words, labels) in enumerate(zip(records.texts, records.labels)):
+            if len(words.split()) != len(labels):
+                raise InputError(f"example {n + 1} of the batch has {len(words.split())} words but "
+                                 f"{len(labels)} labels: a token classifier needs one label per word")
+        if not tok.is_fast:
+            raise InputError("labels per word need a fast tokenizer (tokenizer.json), which maps tokens to words")
+    else:
+        texts = [t[:chars] for t in records.texts]
+    enc = tok(texts, is_split_into_words=by_word, return_special_tokens_mask=True, **options)
     tensors = dict(enc)
-    special = tensors.pop("special_tokens_mask")
-    return tensors, Examples(labels=records.labels, special_tokens_mask=special)
+    examples = Examples(labels=records.labels, special_tokens_mask=tensors.pop("special_tokens_mask"),
+                        word_ids=[enc.word_ids(i) for i in range(len(texts))] if by_word else None)
+    if records.targets is not None:
+        targets = tok(text_target=[t[:chars] for t in records.targets], **options)
+        examples = replace(examples, target_ids=targets["input_ids"], target_mask=targets["attention_mask"])
+    return tensors, examples
+
+
+def _pixels(records: ImageRecords, loaded: LoadedModel) -> tuple[dict[str, Tensor], Examples]:
+    """The images, opened with Pillow and turned into ``pixel_values`` by the checkpoint's image processor."""
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise UsageError("reading an image folder needs Pillow: pip install 'geomaudit[image]'") from err
+    if loaded.processor is None:
+        raise InputError("an image folder needs the checkpoint's image processor (preprocessor_config.json), or "
+                         "give pre-computed `pixel_values` in a .safetensors/.pt file")
+    images = []
+    for path in records.paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise InputError(f"cannot read the image {path}: {str(err).splitlines()[0]}") from err
+    pixels = loaded.processor(images=images, return_tensors="pt")["pixel_values"]
+    return {"pixel_values": pixels}, Examples(labels=records.labels)
 
 
 def _max_positions(loaded: LoadedModel) -> int | None:
@@ -281,19 +341,33 @@ def _max_positions(loaded: LoadedModel) -> int | None:
 def _check_fits(tensors: dict[str, Tensor], loaded: LoadedModel, source: str) -> None:
     """Catch data that cannot fit a Hugging Face model before it reaches an index error deep in torch."""
     config = getattr(loaded.model, "config", None)
-    ids = tensors.get("input_ids")
-    if config is None or ids is None:
+    if config is None:
         return
-    vocab = getattr(config, "vocab_size", None)
-    if vocab and int(ids.max()) >= vocab:
+    ids = tensors.get("input_ids")
+    vocab, positions = getattr(config, "vocab_size", None), _max_positions(loaded)
+    if ids is not None and vocab and int(ids.max()) >= vocab:
         raise InputError(f"{source} has token id {int(ids.max())}, beyond the model's vocabulary of {vocab}")
-    positions = _max_positions(loaded)
-    if positions and ids.shape[-1] > positions:
+    if ids is not None and positions and ids.shape[-1] > positions:
         raise InputError(f"{source} has sequences of {ids.shape[-1]} tokens; the model takes at most {positions}")
-    if loaded.task.class_labels:
-        labels, n = tensors["labels"], config.num_labels
-        if labels.ndim == 1 and not labels.is_floating_point() and (int(labels.max()) >= n or int(labels.min()) < 0):
+    labels = tensors.get("labels")
+    if loaded.task.class_labels and labels is not None and not labels.is_floating_point():
+        n, used = config.num_labels, labels[labels != IGNORE_INDEX]
+        if used.numel() and (int(used.max()) >= n or int(used.min()) < 0):
             raise InputError(f"{source} has labels outside 0..{n - 1} for a model with {n} labels")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _is_image_folder(path: Path) -> bool:
+    """A folder of class folders holding images (``cat/001.png``), as torchvision's ``ImageFolder`` reads."""
+    return path.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.glob("*/*") if f.is_file())
+
+
+def _read_image_folder(path: Path) -> ImageRecords:
+    """Every image in ``path/<class>/``, in sorted order, labelled with its class folder's name."""
+    found = sorted(f for f in path.glob("*/*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    return ImageRecords(found, [f.parent.name for f in found])
 
 
 DATA_FORMATS: tuple[DataFormat, ...] = (
@@ -304,6 +378,7 @@ DATA_FORMATS: tuple[DataFormat, ...] = (
     DataFormat(".json", _suffix(".json"), _read_table),
     DataFormat(".parquet", _suffix(".parquet"), _read_table),
     DataFormat("a datasets save_to_disk folder", lambda path: _is_dataset_folder(path), _read_table),
+    DataFormat("an image folder (class/image.png)", _is_image_folder, _read_image_folder),
 )
 
 

@@ -6,8 +6,10 @@ model's inputs (``prepare``: labels from the examples, a seeded mask, decoder in
 from the logits in the audit's precision (transformers' own losses cast logits to float32), and the loss's
 item count: the number of terms its mean runs over, which weights micro-batches exactly.
 
-A new head needs a new row, not new code paths; and any architecture whose forward takes ``labels`` and
-returns ``.loss`` is audited on that loss (``model-loss``) without a row of its own.
+The first row that names an architecture decides (``BartForConditionalGeneration`` is in transformers' lists
+of sequence-to-sequence and of masked LMs: it is a sequence-to-sequence LM here). A new head needs a new row,
+not new code paths; and any architecture whose forward takes ``labels`` and returns ``.loss`` is audited on
+that loss (``custom``) without a row of its own.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -28,12 +30,14 @@ Batch = Mapping[str, Tensor]
 class Examples:
     """The raw examples a batch was built from, in batch order (absent for pre-tokenized data).
 
-    ``labels``: one per example (a class name or number, or a list of per-word labels); ``targets``: target
-    texts of a sequence-to-sequence model; ``word_ids``: per example, the word each token came from.
+    ``labels``: one per example (a class name or number, or a list with one per word); ``target_ids`` and
+    ``target_mask``: the tokenized target texts of a sequence-to-sequence model; ``word_ids``: per example, the
+    word each token came from (``None`` for special tokens); ``special_tokens_mask``: the tokenizer's.
     """
 
     labels: Sequence | None = None
-    targets: Sequence[str] | None = None
+    target_ids: Tensor | None = None
+    target_mask: Tensor | None = None
     word_ids: Sequence[Sequence[int | None]] | None = None
     special_tokens_mask: Tensor | None = None
 
@@ -182,6 +186,42 @@ def _class_labels(tensors: dict, examples: Examples, loaded, seed: int) -> dict:
     return tensors
 
 
+def _target_tokens(tensors: dict, examples: Examples, loaded, seed: int) -> dict:
+    """Sequence-to-sequence LM: the labels are the tokens of the example's `target` text (padding ignored);
+    the decoder reads them shifted right, as the model itself builds them from labels."""
+    if "labels" not in tensors:
+        if examples.target_ids is None:
+            raise InputError("a sequence-to-sequence model needs a `target` text for every example "
+                             "(or pre-tokenized `labels`)")
+        tensors["labels"] = examples.target_ids.masked_fill(examples.target_mask == 0, IGNORE_INDEX)
+    if "decoder_input_ids" not in tensors:
+        shift = getattr(loaded.model, "prepare_decoder_input_ids_from_labels", None)
+        if shift is None:
+            raise InputError(f"{type(loaded.model).__name__} does not build its decoder inputs from labels: give "
+                             "`decoder_input_ids` in the data")
+        tensors["decoder_input_ids"] = shift(labels=tensors["labels"])
+    return tensors
+
+
+def _word_labels(tensors: dict, examples: Examples, loaded, seed: int) -> dict:
+    """Token classification: a `label` list with one label per word of the text (split at whitespace), given
+    to the word's first token; its other tokens and special tokens are ignored (-100)."""
+    if "labels" in tensors:
+        return tensors
+    if examples.labels is None or examples.word_ids is None:
+        raise InputError("a token classifier needs a `label` list with one label per word of every text "
+                         "(or pre-tokenized `labels`)")
+    rows = []
+    for labels, word_ids in zip(examples.labels, examples.word_ids):
+        ids, row, previous = label_ids(labels, loaded.model.config), [], None
+        for word in word_ids:
+            row.append(IGNORE_INDEX if word is None or word == previous else ids[word])
+            previous = word
+        rows.append(row)
+    tensors["labels"] = torch.tensor(rows)
+    return tensors
+
+
 def _class_labels_if_any(tensors: dict, examples: Examples, loaded, seed: int) -> dict:
     """The model's own loss: labels from the examples when they have them."""
     return tensors if examples.labels is None else _class_labels(tensors, examples, loaded, seed)
@@ -190,21 +230,27 @@ def _class_labels_if_any(tensors: dict, examples: Examples, loaded, seed: int) -
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("causal-lm", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel"),
          _own_tokens, _next_token, _shifted_count, default_batch=True),
+    Task("seq2seq-lm", "AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", (),
+         _target_tokens, _per_token, _counted),
     Task("masked-lm", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", ("ForMaskedLM",),
          _masked_tokens, _per_token, _counted, default_batch=True),
     Task("classification", "AutoModelForSequenceClassification",
          "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", ("ForSequenceClassification",),
          _class_labels, _per_example, _counted, class_labels=True),
+    Task("token-classification", "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+         ("ForTokenClassification",), _word_labels, _per_token, _counted, class_labels=True),
+    Task("image-classification", "AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+         ("ForImageClassification",), _class_labels, _per_example, _counted, class_labels=True),
     Task("custom", None, None, (), _class_labels_if_any, None, None),
 )}
 
 
-def infer_task(architecture: str | None, has_labels: bool) -> Task:
+def infer_task(architecture: str | None, has_labels: bool, model_type: str | None = None) -> Task:
     """The task of a Hugging Face architecture (class name).
 
     A row of ``TASKS`` that names it; else ``custom`` (the model's own ``.loss``) for a transformers class
-    whose forward takes ``labels``; else, for a model without a head (``BertModel``) and data with labels,
-    ``classification`` with a new head.
+    whose forward takes ``labels``; else, for a model without a head (``BertModel``, ``ViTModel``) and data with
+    labels, the first classification row whose Auto class builds a head for ``model_type``, with a new head.
     """
     arch = architecture or ""
     if task_row(arch):
@@ -212,9 +258,15 @@ def infer_task(architecture: str | None, has_labels: bool) -> Task:
     if arch and "labels" in _forward_parameters(arch):
         return TASKS["custom"]
     if has_labels:
-        return TASKS["classification"]
+        return next((t for t in TASKS.values() if t.class_labels and _builds(t, model_type)), TASKS["classification"])
     raise UsageError(f"the checkpoint's architecture {arch or '(none given)'} has no loss head: give data with "
                      f"a `label` field or choose --task {'|'.join(n for n in TASKS if n != 'custom')}")
+
+
+def _builds(task: Task, model_type: str | None) -> bool:
+    from transformers.models.auto import modeling_auto
+
+    return model_type in getattr(modeling_auto, task.mapping)
 
 
 def task_row(architecture: str) -> Task | None:

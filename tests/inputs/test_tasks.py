@@ -146,7 +146,10 @@ def test_any_head_that_takes_labels_is_audited_on_its_own_loss(tmp_path):
 
 
 def test_task_rows_and_loading_errors(tiny_gpt2_dir, tmp_path):
-    assert infer_task("T5ForConditionalGeneration", False).name != "causal-lm"
+    assert infer_task("T5ForConditionalGeneration", False).name == "seq2seq-lm"
+    assert infer_task("BartForConditionalGeneration", False).name == "seq2seq-lm"  # also a masked LM to transformers
+    assert infer_task("ViTModel", True, "vit").name == "image-classification"
+    assert infer_task("BertModel", True, "bert").name == "classification"
     with pytest.raises(UsageError, match="--task must be one of"):
         load_checkpoint(tiny_gpt2_dir, task="regression")
     folder = tmp_path / "unknown"
