@@ -26,6 +26,8 @@ class Point:
     excluded: Mapping[str, str] = field(default_factory=dict)  # layer -> why it cannot be compared (zero Hessian)
     saturated: frozenset[str] = frozenset()  # layers whose metric saturates: their rows use ``fallback``
     fallback: Mapping[str, float] = field(default_factory=dict)  # the unsaturated statistic (R_med) per layer
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # per-layer interval of the metric
+    fallback_bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # ... and of the fallback
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,25 @@ class LayerRow:
     ratio_mean: float | None = None
     ratio_std: float | None = None
     metric: str | None = None  # the statistic used instead of the pairing's (R_med where R_med_stab saturates)
+    apart: str | None = None  # "above" / "below": every interval of one side above every one of the reference
+    # side (the ratio is above / below 1 beyond the choice of coordinates); "overlap"; None without intervals
+
+
+def intervals_apart(ref: Sequence[tuple[float, float]], other: Sequence[tuple[float, float]]) -> str | None:
+    """"above" when every interval of ``other`` lies above every interval of ``ref``, "below" for the reverse,
+    "overlap" otherwise; None when an interval is missing (nan). Apart intervals of 95% each put the ratio
+    other/ref above (below) 1 beyond the sampling of coordinates, at least at the 95% level.
+
+    >>> intervals_apart([(1.0, 2.0)], [(2.5, 9.0)]), intervals_apart([(1.0, 2.0)], [(1.5, 9.0)])
+    ('above', 'overlap')
+    """
+    if not ref or not other or any(not (lo <= hi) for lo, hi in (*ref, *other)):
+        return None
+    if min(lo for lo, _ in other) > max(hi for _, hi in ref):
+        return "above"
+    if max(hi for _, hi in other) < min(lo for lo, _ in ref):
+        return "below"
+    return "overlap"
 
 
 def _mean_std(x: np.ndarray) -> tuple[float, float]:
@@ -180,7 +201,13 @@ def compare_layers(pairing: Pairing, reference: str = "a", paired: bool = False,
                                                      f"{'A' if not math.isfinite(am) else 'B'}"})
             continue
         num, den = (bm, am) if reference == "a" else (am, bm)
-        row = LayerRow(name, am, asd, bm, bsd, float(_ratio(num, den)), metric=fallback_metric if switch else None)
+        bounds = [(p.fallback_bounds if switch else p.bounds).get(name) for p in points]
+        apart = None
+        if all(bounds):
+            sides = bounds[:len(pairing.a)], bounds[len(pairing.a):]
+            apart = intervals_apart(*(sides if reference == "a" else sides[::-1]))
+        row = LayerRow(name, am, asd, bm, bsd, float(_ratio(num, den)), metric=fallback_metric if switch else None,
+                       apart=apart)
         if paired:
             per = _ratio(b, a) if reference == "a" else _ratio(a, b)
             with np.errstate(invalid="ignore"):
@@ -260,6 +287,9 @@ def verdict(summary: dict | None, ratio: str = "B/A") -> str:
     layers = f"above 1 on {round(s['frac_above_1'] * n)} of {n} layers (sign test p = {s['sign_p']:.2g})"
     if repeats > 1:
         layers += f" and in {s['repeats_above_1']} of {repeats} repeats"
+    if "layers_clearly_above_1" in s:
+        layers += (f"; per-layer 95% R_med intervals apart: above 1 on {s['layers_clearly_above_1']}, below on "
+                   f"{s['layers_clearly_below_1']} of {n} layers")
     if s["effect"] == "none":
         return f"no clear effect: {centre}, an interval that includes 1; {layers}"
     side = "above" if s["effect"] == "above_1" else "below"

@@ -58,6 +58,7 @@ class AuditConfig:
     across: tuple[str, ...] = ()
     alignment: bool = False
     merge: bool = False
+    ci: bool = False  # show the per-layer R_med interval as a table column (it is in the JSON either way)
 
     def validate(self) -> None:
         for name in ("coords", "topk", "batch_size", "micro_batch", "max_length", "chunk_size", "dense_max"):
@@ -349,10 +350,16 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
             audited[key] = auditor.audit(refs[key], point.run)
         layers = audited[key].layers
         stab = compare.metric == "r_med_stab"
+        def bounds(metric):
+            if f"{metric}_ci_low" not in layers[0].stats:
+                return {}
+            return {la.name: (la.stats[f"{metric}_ci_low"], la.stats[f"{metric}_ci_high"]) for la in layers}
+
         return replace(point, values={la.name: la.stats[compare.metric] for la in layers},
                        excluded={la.name: "Hessian zero to round-off" for la in layers if la.zero_hessian},
                        saturated=frozenset(la.name for la in layers if stab and saturated(la.stats)),
-                       fallback={la.name: la.stats["r_med"] for la in layers} if stab else {})
+                       fallback={la.name: la.stats["r_med"] for la in layers} if stab else {},
+                       bounds=bounds(compare.metric), fallback_bounds=bounds("r_med") if stab else {})
 
     pairs = []
     for pairing in pairings:
@@ -364,7 +371,8 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
             rows, entry["left_out"] = compare_layers(full, compare.reference, compare.paired)
             entry["layers"] = [_row(r) for r in rows]
             ratios = [r.ratios for r in rows] if compare.paired else [r.ratio for r in rows]
-            entry["summary"] = summarize(np.array(ratios).T, seed=config.seed)
+            entry["summary"] = summarize(np.array(ratios).T, seed=config.seed) | {
+                f"layers_clearly_{side}_1": sum(r.apart == side for r in rows) for side in ("above", "below")}
         pairs.append(entry)
     if not audited and not spectra:
         raise InputError("no pair of checkpoints was within the loss tolerance: nothing was compared "

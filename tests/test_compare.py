@@ -368,3 +368,26 @@ def test_fail_above_skips_zero_layers_and_judges_saturated_ones_on_r_med():
     assert fail_above(doc, 6000, "r_med_stab") is None  # the zero layer's null is not an infinite ratio
     doc["checkpoints"][0]["layers"][0]["zero_hessian"] = False
     assert "key.bias at ckpt (undefined)" in fail_above(doc, 6000, "r_med_stab")  # undefined, not zero: counts
+
+
+def test_per_layer_intervals_say_whether_a_ratio_is_above_1():
+    """B's interval above A's in every run: ▲ (above); below: ▼; touching or missing: no claim."""
+    def point(run, values, bounds, **kw):
+        return Point(run, 1, 1.0, values, bounds=bounds, **kw)
+
+    a = [point("a1", {"x": 2.0, "y": 2.0, "z": 2.0, "w": 2.0}, {"x": (1.0, 3.0), "y": (1.0, 3.0), "z": (1.0, 3.0),
+                                                              "w": (1.0, 3.0)}),
+         point("a2", {"x": 2.5, "y": 2.0, "z": 2.0, "w": 2.0}, {"x": (1.5, 3.5), "y": (1.0, 3.0), "z": (1.0, 3.5),
+                                                              "w": (1.0, math.nan)})]
+    b = [point("b1", {"x": 9.0, "y": 0.4, "z": 4.0, "w": 9.0}, {"x": (4.0, 20.0), "y": (0.1, 0.8), "z": (3.4, 9.0),
+                                                              "w": (4.0, 20.0)})]
+    pairing = pair_by_step([[p] for p in a], [b])[0]
+    apart = {r.name: r.apart for r in layer_rows(pairing)}
+    assert apart == {"x": "above", "y": "below", "z": "overlap", "w": None}  # z: 3.4 < a2's 3.5
+    assert {r.name: r.apart for r in layer_rows(pairing, reference="b")} == {
+        "x": "below", "y": "above", "z": "overlap", "w": None}
+    sat = [point("b1", {"x": 990.0}, {"x": (900.0, 999.0)}, saturated=frozenset({"x"}), fallback={"x": 1e5},
+                 fallback_bounds={"x": (2.0, 4e5)})]
+    plain = [point("a1", {"x": 50.0}, {"x": (40.0, 80.0)}, fallback={"x": 52.0}, fallback_bounds={"x": (41.0, 85.0)})]
+    (row,) = layer_rows(pair_by_step([plain], [sat])[0])
+    assert row.metric == "r_med" and row.apart == "overlap"  # R_med's intervals decide, and they overlap

@@ -128,6 +128,9 @@ Alignment = Annotated[bool, flag("--alignment", panel=STATISTICS,
 Merge = Annotated[bool, flag("--merge", panel=INPUT,
                              help="For a PEFT adapter folder: audit the base model with the adapter merged into "
                                   "its weights, instead of the adapter's own tensors.")]
+Ci = Annotated[bool, flag("--ci", panel=STATISTICS,
+                          help="Add a column with each layer's 95% interval for R_med over the choice of "
+                               "coordinates (always in the JSON).")]
 DenseMax = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=STATISTICS,
                                               help="With --smed: layers of at most this many entries get the dense "
                                                    "Hessian block, larger ones the submatrix of the sampled "
@@ -187,7 +190,8 @@ def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
         every=o["every"], loss_from=loss_from,
         cache_dir=None if o["no_cache"] else str(o["cache_dir"] or default_cache_dir()), geometry=o["smed"],
         dense_max=DEFAULT_DENSE_MAX if o["dense_max"] is None else o["dense_max"], slq=o["slq"],
-        across=tuple(o["across"] or ()), alignment=o["alignment"], merge=o["merge"])
+        across=tuple(o["across"] or ()), alignment=o["alignment"], merge=o["merge"],
+        ci=o.get("ci", False))
 
 
 def gate_metric(metric: "RmedMetric | None", gated: bool) -> str:

@@ -22,6 +22,7 @@ def rmed(
     loss: o.Loss = None,
     allow_pickle: o.AllowPickle = False,
     merge: o.Merge = False,
+    ci: o.Ci = False,
     steps: o.Steps = None,
     every: o.Every = None,
     coords: o.Coords = o.DEFAULT_COORDS,

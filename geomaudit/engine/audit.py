@@ -148,7 +148,8 @@ def _check_roundoff(model, loss_fn, micro_batches, results, topk, on_result, on_
                         "changes": found["changes"].tolist(), "zero_hessian": found["zero_hessian"],
                         "median_zero": found["median_zero"]}
         zero = roundoff["zero_hessian"] if roundoff else not la.h_diag.any()
-        stats = diagonal_stats(la.h_diag, topk, zero_hessian=zero, median_zero=bool(roundoff and roundoff["median_zero"]))
+        stats = diagonal_stats(la.h_diag, topk, zero_hessian=zero, median_zero=bool(roundoff and roundoff["median_zero"]),
+                               full=len(la.indices) == la.numel)
         extra = {k: float("nan") if zero else v for k, v in la.stats.items() if k not in stats}
         checked.append(replace(la, stats=stats | extra, zero_hessian=zero, roundoff=roundoff))
         if on_result and la.name in again:

@@ -6,6 +6,8 @@ A ratio whose denominator is 0 is ``inf`` (``null`` in JSON); 0/0 is ``nan`` (al
 
 import numpy as np
 
+from .interval import r_med_interval, stabilised
+
 
 def ratio(num: float, den: float) -> float:
     """num / den, with inf for x / 0 and nan for 0 / 0."""
@@ -18,7 +20,7 @@ SATURATION = 1000.0  # R_med at which R_med_stab = R / (1 + R/1000) has lost hal
 
 
 def diagonal_stats(h_diag: np.ndarray, topk: int = 10, *, zero_hessian: bool = False,
-                   median_zero: bool = False) -> dict[str, float]:
+                   median_zero: bool = False, full: bool = False) -> dict[str, float]:
     """R_med, R_med_stab, R_topk, zero_frac and the max/median/mean of |H_ii|.
 
     - ``r_med`` = max|H_ii| / median|H_ii| (eq. (1));
@@ -26,8 +28,13 @@ def diagonal_stats(h_diag: np.ndarray, topk: int = 10, *, zero_hessian: bool = F
     - ``r_topk`` = k-th largest |H_ii| / median, with k = min(topk, number of coordinates);
     - ``zero_frac`` = share of |H_ii| exactly 0.
 
+    - ``r_med_ci_low``/``r_med_ci_high``: the 95% interval of ``engine.interval`` for R_med at this number of
+      coordinates (the point R_med when ``full``: every entry of the layer was sampled), and
+      ``r_med_stab_ci_low``/``_high`` its image under R ↦ R/(1 + R/1000).
+
     ``zero_hessian`` (the values are round-off, ``engine.roundoff``) makes every ratio undefined (nan);
-    ``median_zero`` (the median is round-off) computes them with a median of 0, as an exact zero median would.
+    ``median_zero`` (the median is round-off) computes them with a median of 0, as an exact zero median would,
+    and leaves the interval undefined.
 
     >>> s = diagonal_stats(np.array([1.0, -2.0, 4.0, 0.0]), topk=2)
     >>> s["r_med"], s["r_topk"], s["zero_frac"]
@@ -41,6 +48,7 @@ def diagonal_stats(h_diag: np.ndarray, topk: int = 10, *, zero_hessian: bool = F
     kth = float(np.partition(a, a.size - k)[a.size - k])
     den = 0.0 if median_zero else med
     nan = float("nan")
+    low, high = (nan, nan) if zero_hessian or median_zero else r_med_interval(a, full)
     return {
         "r_med": nan if zero_hessian else ratio(mx, den),
         "r_med_stab": nan if zero_hessian else ratio(mx, den + 1e-3 * mx),
@@ -50,6 +58,10 @@ def diagonal_stats(h_diag: np.ndarray, topk: int = 10, *, zero_hessian: bool = F
         "max_abs": mx,
         "median_abs": med,
         "mean_abs": float(a.mean()),
+        "r_med_ci_low": low,
+        "r_med_ci_high": high,
+        "r_med_stab_ci_low": stabilised(low),
+        "r_med_stab_ci_high": stabilised(high),
     }
 
 

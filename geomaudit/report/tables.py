@@ -11,6 +11,22 @@ SATURATED_NOTE = "sat.: R_med_stab saturated (R_med ≥ 1000, R_med_stab < 1000 
 MEDIAN_NOTE = "median≈0: the median |H_ii| is zero to round-off, so R_med is undefined"
 
 
+CI_NOTE = ("R_med 95% CI: over the choice of coordinates, for this layer's R_med at this number of coordinates "
+           "(see the README); ∞: the median may be 0; exact: every entry was sampled")
+
+
+def _interval_cell(layer: dict, notes: set) -> Cell:
+    """The layer's R_med interval, ``low–high``; ``exact`` for a layer sampled in full."""
+    s = layer["stats"]
+    low, high = s.get("r_med_ci_low"), s.get("r_med_ci_high")
+    if layer.get("zero_hessian") or low is None:
+        return Value("", "")
+    notes.add(CI_NOTE)
+    if layer["coords"] == layer["numel"]:
+        return Value("exact", f"{low!r}–{high!r}")
+    return Value(f"{fmt(low)}–{'∞' if high is None else fmt(high)}", f"{low!r}–{'inf' if high is None else repr(high)}")
+
+
 def _ratio_cells(layer: dict, notes: set) -> list[Cell]:
     """R_med, R_med_stab and R_topk of a layer, marked where the tool cannot stand behind them (notes explain)."""
     s = layer["stats"]
@@ -31,7 +47,9 @@ def rmed_tables(document: dict) -> list[Grid]:
     """One table per audited checkpoint: a row per layer with the R_med family (SPEC §1)."""
     data, settings = document["data"], document["settings"]
     geometry, alignment = settings.get("geometry", False), settings.get("alignment", False)
-    heads = ["R_med", "R_med_stab", f"R_top{settings['topk']}", "zero_frac", "median |H_ii|"]
+    ci = settings.get("ci", False)
+    heads = ["R_med", *(["R_med 95% CI"] if ci else []), "R_med_stab", f"R_top{settings['topk']}", "zero_frac",
+             "median |H_ii|"]
     heads += ["S_med", "S_med from", "r_diag mean", "r_diag median"] if geometry else []
     heads += ["ρ(|g|, |H_ii|)", "ρ(|Adam step|, |H_ii|)"] if alignment else []
     grids = []
@@ -47,6 +65,8 @@ def rmed_tables(document: dict) -> list[Grid]:
         for layer in ckpt["layers"]:
             s = layer["stats"]
             cells = [*_ratio_cells(layer, notes), number(s["zero_frac"], ".2f"), number(s["median_abs"])]
+            if ci:
+                cells.insert(1, _interval_cell(layer, notes))
             if geometry:
                 cells += [number(s["s_med"]), layer["s_med_method"] or "", number(s["r_diag_mean"]),
                           number(s["r_diag_median"])]
@@ -75,9 +95,14 @@ def _mean_std(mean: float | None, std: float | None, runs: int) -> Cell:
     return Value(f"{fmt(mean)} ({fmt(std, '.2g')})", f"{mean!r} ({std!r})")
 
 
-def _marked(cell: Cell, metric: str | None) -> Cell:
-    """A ratio cell, marked † when it compares another statistic than the table's (R_med for R_med_stab)."""
-    return cell if not metric else Value(f"{cell}†", cell.raw if isinstance(cell, Value) else str(cell))
+APART = {"above": "▲", "below": "▼"}
+
+
+def _marked(cell: Cell, row: dict) -> Cell:
+    """A ratio cell, marked ▲ / ▼ when the per-layer intervals put it above / below 1, and † when it compares
+    another statistic than the table's (R_med for R_med_stab)."""
+    mark = APART.get(row.get("apart"), "") + ("†" if row.get("metric") else "")
+    return cell if not mark else Value(f"{cell}{mark}", cell.raw if isinstance(cell, Value) else str(cell))
 
 
 def compare_tables(document: dict) -> list[Grid]:
@@ -108,7 +133,7 @@ def compare_tables(document: dict) -> list[Grid]:
             cells += ["", "", ""] if r is None else [_mean_std(r["a_mean"], r["a_std"], n_a),
                                                      _mean_std(r["b_mean"], r["b_std"], n_b),
                                                      _marked(_mean_std(r["ratio_mean"], r["ratio_std"], n_a)
-                                                             if paired else number(r["ratio"]), r.get("metric"))]
+                                                             if paired else number(r["ratio"]), r)]
         grid.add_row(name, *cells, end_section=name == names[-1])
     summaries = [p["summary"] for p in pairs]
     for label, cell in ((f"share of layers with {direction} > 1", lambda s: number(s["frac_above_1"], ".0%")),
@@ -117,6 +142,8 @@ def compare_tables(document: dict) -> list[Grid]:
                          lambda s: Value(f"{fmt(s['ci_low'])}–{fmt(s['ci_high'])}",
                                          f"{s['ci_low']!r}–{s['ci_high']!r}")),
                         ("sign test p", lambda s: number(s["sign_p"], ".2g")),
+                        ("layers ▲ / ▼ (R_med intervals apart)",
+                         lambda s: f"{s.get('layers_clearly_above_1', '')} / {s.get('layers_clearly_below_1', '')}"),
                         *(((f"repeats with geometric-mean {direction} > 1",
                             lambda s: f"{s['repeats_above_1']} of {s['n_repeats']}" if s["n_repeats"] > 1 else ""),)
                           if paired else ())):
@@ -124,6 +151,9 @@ def compare_tables(document: dict) -> list[Grid]:
     notes = [f"refused {p['label']}: {p['refused']}" for p in spec["pairs"] if p["refused"]]
     notes += [f"left out at {p['label']}: " + ", ".join(f"{x['name']} ({x['reason']})" for x in p["left_out"])
               for p in pairs if p.get("left_out")]
+    if any(r.get("apart") for p in pairs for r in p["layers"]):
+        notes.append(f"▲ / ▼: the 95% intervals of the layer's {metric} over the sampled coordinates (R_med 95% CI) "
+                     f"lie apart in every run, {direction} above / below 1")
     if any(r.get("metric") for p in pairs for r in p["layers"]):
         notes.append("†: R_med_stab saturates (R_med ≥ 1000) in a run of this layer, so both sides are compared on "
                      "R_med")

@@ -50,6 +50,12 @@ def test_compare_at_equal_steps(trainer_runs):
         assert pair["summary"]["frac_above_1"] == pytest.approx(np.mean(np.array(ratios) > 1))
         assert pair["summary"]["geo_mean"] == pytest.approx(math.exp(np.mean(np.log(ratios))))
         assert pair["summary"]["ci_low"] <= pair["summary"]["geo_mean"] <= pair["summary"]["ci_high"]
+        bounds = {(c["run"], la["name"]): (la["stats"]["r_med_stab_ci_low"], la["stats"]["r_med_stab_ci_high"])
+                  for c in document["checkpoints"] if c["step"] == pair["step"] for la in c["layers"]}
+        for r in pair["layers"]:  # per-layer claims only where the R_med_stab intervals of A and B lie apart
+            (a_lo, a_hi), (b_lo, b_hi) = bounds[(str(a), r["name"])], bounds[(str(b), r["name"])]
+            assert r["apart"] == ("above" if b_lo > a_hi else "below" if b_hi < a_lo else "overlap")
+        assert pair["summary"]["layers_clearly_above_1"] == sum(r["apart"] == "above" for r in pair["layers"])
     inverted = report("compare", str(a), str(b), *FAST, "--reference", "b")["compare"]["pairs"][0]
     expected = [1 / r["ratio"] for r in spec["pairs"][0]["layers"]]
     assert [r["ratio"] for r in inverted["layers"]] == pytest.approx(expected)

@@ -52,7 +52,7 @@ def test_json_report_is_complete_and_consistent(tiny_bert_dir, examples_jsonl, t
         assert layer["indices"] == sorted(set(layer["indices"])) and layer["indices"][-1] < layer["numel"]
         median_zero = bool(layer["roundoff"] and layer["roundoff"]["median_zero"])
         expected = diagonal_stats(np.array(layer["h_diag"]), topk=5, zero_hessian=layer["zero_hessian"],
-                                  median_zero=median_zero)
+                                  median_zero=median_zero, full=layer["coords"] == layer["numel"])
         for key, value in expected.items():
             got = layer["stats"][key]
             assert got == pytest.approx(value) if np.isfinite(value) else got is None
@@ -149,3 +149,21 @@ def test_real_pretrained_minilm_on_real_text(examples_jsonl):
     assert 0.3 < document["checkpoints"][0]["loss"] < 1.5  # two classes, fresh head: about log 2
     for layer in document["checkpoints"][0]["layers"]:
         assert all(np.isfinite(layer["h_diag"])) and layer["stats"]["r_med"] >= 1
+
+
+def test_ci_column_and_interval_fields(tiny_gpt2_dir):
+    """--ci adds each layer's R_med interval: the point itself (exact) for a layer sampled in full, an interval
+    around the sample's R_med otherwise; the JSON has it either way."""
+    args = ["--layers", "transformer.ln_f.weight", "--layers", "transformer.h.0.mlp.c_fc.weight", "--coords", "20",
+            "--batch-size", "4"]
+    document = rmed_json(str(tiny_gpt2_dir), *args)
+    fc, ln = document["checkpoints"][0]["layers"]  # in the model's order
+    assert ln["coords"] == ln["numel"] == 16
+    assert ln["stats"]["r_med_ci_low"] == ln["stats"]["r_med_ci_high"] == pytest.approx(ln["stats"]["r_med"])
+    s = fc["stats"]
+    assert s["r_med_ci_low"] < s["r_med"] < s["r_med_ci_high"]
+    assert s["r_med_stab_ci_low"] < s["r_med_stab"] < s["r_med_stab_ci_high"]
+    table = runner.invoke(app, ["rmed", str(tiny_gpt2_dir), *args, "--ci"]).stdout
+    assert "R_med 95% CI" in table and "exact" in table
+    assert f"{s['r_med_ci_low']:.3g}–{s['r_med_ci_high']:.3g}" in table
+    assert "R_med 95% CI" not in runner.invoke(app, ["rmed", str(tiny_gpt2_dir), *args]).stdout
