@@ -76,8 +76,9 @@ def test_plot_of_a_compare_without_comparable_layers(reports, tmp_path):
     first["layers"], first["summary"]["n_layers"] = [], 0
     for row in second["layers"]:
         row["a_mean"] = row["ratio"] = None
-    second["summary"] = dict.fromkeys(second["summary"], None) | {"n_layers": 0,
-                                                                   "n_repeats": second["summary"]["n_repeats"]}
+    second["summary"] = dict.fromkeys(second["summary"], None) | {
+        "n_layers": 0, "n_repeats": second["summary"]["n_repeats"], "layers_clearly_above_1": 0,
+        "layers_clearly_below_1": 0}
     path, out = tmp_path / "c.json", tmp_path / "c.png"
     path.write_text(json.dumps(document))
     run("report", str(path), "--plot", str(out))
