@@ -240,7 +240,8 @@ class DiagonalEngine:
         rows = []
         for i in sel:
             cols = torch.autograd.grad(flat_grad[i], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([_zeros_if_none(c, None, p).reshape(-1) for c, p in zip(cols, params)]))
+            pieces = [_zeros_if_none(c, None, p).reshape(-1) for c, p in zip(cols, params)]
+            rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))  # one tensor: no copy
         return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 
 
