@@ -121,13 +121,18 @@ def func_diag(model, loss_fn, batch, name, idx):
 
     flat = param.detach().reshape(-1)
     hvp = vmap(lambda v: jvp(grad(loss_of), (flat,), (v,))[1], chunk_size=FUNC_CHUNK[flat.device.type])
-    out = []
-    for start in range(0, len(idx), 64):  # the one-hot tangents of 64 coordinates at a time
-        sel = idx[start:start + 64]
+    out, block = [], _block(flat.numel())
+    for start in range(0, len(idx), block):  # the one-hot tangents of a block of coordinates at a time
+        sel = idx[start:start + block]
         tangents = torch.zeros(len(sel), flat.numel(), dtype=flat.dtype, device=flat.device)
         tangents[torch.arange(len(sel)), sel] = 1
         out.append(hvp(tangents)[torch.arange(len(sel)), sel])
     return torch.cat(out)
+
+
+def _block(numel: int) -> int:
+    """One-hot columns per call: 64, fewer for large tensors (a 30522×256 embedding's 64 columns alone are 2 GB)."""
+    return max(1, min(64, (1 << 25) // numel))
 
 
 class _Swapped:
@@ -178,9 +183,9 @@ def curvlinops_diag(model, loss_fn, batch, name, idx):
     with only_requires_grad(model, param):
         op = HessianLinearOperator(func, loss, [param], data, check_deterministic=False,
                                    batch_size_fn=lambda x: (x["input_ids"] if isinstance(x, dict) else x).shape[0])
-        out = []
-        for start in range(0, len(idx), 64):
-            sel = idx[start:start + 64]
+        out, block = [], _block(param.numel())
+        for start in range(0, len(idx), block):
+            sel = idx[start:start + block]
             cols = torch.zeros(param.numel(), len(sel), dtype=param.dtype, device=param.device)
             cols[sel, torch.arange(len(sel))] = 1
             out.append((op @ cols)[sel, torch.arange(len(sel))])
