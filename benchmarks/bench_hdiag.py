@@ -109,7 +109,7 @@ def loop_diag(model, loss_fn, batch, name, idx):
     with only_requires_grad(model, param):
         (g,) = torch.autograd.grad(loss_fn(model, batch), param, create_graph=True)
         g = g.reshape(-1)
-        return torch.stack([torch.autograd.grad(g[i], param, retain_graph=True)[0].reshape(-1)[i] for i in idx.tolist()])
+        return torch.stack([torch.autograd.grad(g[i], param, retain_graph=True)[0].reshape(-1)[i] for i in idx])
 
 
 def func_diag(model, loss_fn, batch, name, idx):
