@@ -31,7 +31,7 @@ from ..errors import UsageError
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
-# measured on a 2-core CPU (benchmarks/bench_hdiag.py): batched chunks of 2-8 are 5-30% slower per coordinate than
+# measured on a 2-core CPU (benchmarks/bench_hdiag.py): batched chunks of 2-8 are 10-45% slower per coordinate than
 # one double-backward per coordinate on every layer; on CUDA 64 (not measured: no GPU was lent)
 DEFAULT_CHUNK = {"cpu": 1, "cuda": 64}
 CHUNK_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}  # what one chunk's double-backward may allocate
