@@ -22,7 +22,7 @@ from .io.optimizer import adam_state, adaptive_step
 from .io.trajectory import CheckpointRef, discover, expand_runs
 from .report.document import report_document
 from .results import CheckpointResult, json_number
-from .runtime import resolve_device, set_precision
+from .runtime import check_seed, resolve_device, set_precision
 
 EMBEDDED_SOURCE = "embedded corpus (pydoc_data.topics)"
 LOSS_SOURCES = ("audit", "trainer_state")
@@ -65,6 +65,7 @@ class AuditConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        check_seed(self.seed)
         if (self.slq or self.across) and not self.geometry:
             raise UsageError(f"{'--slq' if self.slq else '--across'} works on the Hessian columns: it needs --smed")
         if self.loss_from not in LOSS_SOURCES:

@@ -5,6 +5,7 @@ import torch
 from .errors import UsageError
 
 PRECISIONS = ("fp32", "tf32", "fp64")
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -15,6 +16,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise UsageError(f"--device {name!r} is not a device torch knows") from err
+    if device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {name}: audits run on {' or '.join(DEVICE_TYPES)}, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name} asked for, but torch sees no CUDA device")
     return device
@@ -28,3 +31,10 @@ def set_precision(precision: str) -> torch.dtype:
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     return torch.float64 if precision == "fp64" else torch.float32
+
+
+def check_seed(seed: int) -> int:
+    """A seed torch and numpy both take: 0 … 2**64 - 1."""
+    if not 0 <= seed < 2**64:
+        raise UsageError(f"--seed must lie in 0 … 2**64 - 1, got {seed}")
+    return seed

@@ -134,8 +134,11 @@ def to_stdout(write: Callable[[object], None]) -> None:
 
     out = _stdout()
     try:
-        write(out)
-        out.flush()
+        try:
+            write(out)
+            out.flush()
+        except SystemExit:  # a rich Console meeting a closed pipe points stdout at devnull and exits 1
+            raise BrokenPipeError(32, "Broken pipe") from None
     except (OSError, ValueError) as err:  # ValueError: writing to a closed file
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())

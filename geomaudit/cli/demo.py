@@ -35,12 +35,14 @@ def demo(
     """Train a small GPT-2 from one initialisation with Adam and with SGD+momentum, then audit and compare."""
     with handle_errors(ctx):
         from ..errors import InputError, UsageError
+        from ..runtime import check_seed
 
         folder = Path(out)
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             raise UsageError(f"--out {folder} is not a folder: give a new or empty folder")
         if folder.exists() and any(folder.iterdir()):
             raise UsageError(f"--out {folder} is not empty: choose a new folder")
+        check_seed(seed)
         if steps < 2:
             raise UsageError(f"--steps must be at least 2, got {steps}")
         if text and not Path(text).is_file():

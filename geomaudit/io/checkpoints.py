@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from ..errors import InputError, UsageError
 from . import guards
 from .precision import KeepFloat64, float32_modules, is_float64
+from .files import regular_file
+from .formats import hf_model_files
 from .tasks import IGNORE_INDEX, TASKS, Task, infer_task, model_class, model_output_loss, task_row  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
@@ -166,6 +168,7 @@ def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
         raise UsageError("--loss needs --model: a Hugging Face checkpoint uses its own loss")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hf_model_files(path)  # every file it reads is a regular file inside the folder
     guards.refuse_remote_code(path)
     state = _pickled_state(path, opts.allow_pickle)
     shapes = guards.tensor_shapes(path, state)
@@ -174,7 +177,11 @@ def _load_hf(path: Path, opts: LoadOptions) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as err:
         raise InputError(f"cannot read {path / 'config.json'}: {_first_line(err)}") from err
-    architecture = (config.architectures or [""])[0]
+    architectures = config.architectures or [""]
+    if not (isinstance(architectures, list | tuple) and all(isinstance(a, str) for a in architectures)):
+        raise InputError(f"{path / 'config.json'}: architectures must be a list of class names, got "
+                         f"{str(architectures)[:60]}")
+    architecture = architectures[0]
     task = TASKS[opts.task] if opts.task != "auto" else infer_task(architecture, opts.has_labels, config.model_type)
     new_head = task.auto_class is not None and not task.matches(architecture)
     auto_class = model_class(task, architecture)
@@ -305,11 +312,12 @@ def _torch_load(path: Path, allow_pickle: bool):
 
 def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
     """Tensors of a ``.safetensors`` file, of a torch-saved dict (a Lightning ``state_dict`` key is unwrapped), or
-    of an Accelerate ``save_state`` or ``torch.distributed.checkpoint`` folder."""
+    of an Accelerate ``save_state`` or ``torch.distributed.checkpoint`` folder; keyed by strings."""
     if path.is_dir():
         from .formats import read_folder_state
 
         return read_folder_state(path, allow_pickle)
+    regular_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -320,7 +328,7 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]
     obj = _torch_load(path, allow_pickle)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise InputError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(obj)
 

@@ -9,7 +9,7 @@ rows of ``DATA_FORMATS``.
 
 import csv
 import hashlib
-import json
+import io
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +21,7 @@ from torch import Tensor
 from ..engine.hdiag import MicroBatch
 from ..errors import InputError, UsageError
 from .checkpoints import LoadedModel, read_state_dict
+from .files import parse_json, read_text
 from .tasks import IGNORE_INDEX, Examples
 
 DEFAULT_TEXT_BATCH = 32
@@ -159,14 +160,13 @@ def _suffix(*suffixes: str) -> Callable[[Path], bool]:
 
 
 def _text_of(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path} is not UTF-8 text") from err
+    """The file's UTF-8 text (regular files only), with ``\r\n`` and ``\r`` line ends read as ``\n``."""
+    return read_text(path, "data file").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_lines(path: Path) -> TextRecords:
-    return TextRecords([ln for ln in _text_of(path).splitlines() if ln.strip()], None)
+    """One example a line: lines end at ``\n`` only (U+2028 and other Unicode separators are text)."""
+    return _text_rows(path, [{"text": ln} for ln in _text_of(path).split("\n") if ln.strip()])
 
 
 def _read_jsonl(path: Path) -> TextRecords | dict[str, Tensor]:
@@ -184,25 +184,75 @@ def _rows(path: Path, rows: list[dict]) -> TextRecords | dict[str, Tensor]:
     from .tables import rows_to_tensors
 
     if rows and all("input_ids" in r for r in rows):
-        return rows_to_tensors(rows, str(path))
+        tensors = rows_to_tensors(rows, str(path))
+        check_tensors(tensors, str(path))
+        return tensors
     return _text_rows(path, rows)
 
 
 def _read_csv(path: Path) -> TextRecords:
-    return _text_rows(path, list(csv.DictReader(_text_of(path).splitlines())))
+    """Rows of a CSV with a header, quoted strictly (a stray quote is an error, not a guess); a field may hold a
+    whole document (no 131,072-character limit)."""
+    text = _text_of(path)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as err:
+        raise InputError(f"{path} is not valid CSV ({err})") from None
+    return _text_rows(path, rows)
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    return read_state_dict(path)
+    tensors = read_state_dict(path)
+    check_tensors(tensors, str(path))
+    return tensors
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")  # (examples, tokens) of integers
+
+
+def check_tensors(tensors: Mapping[str, Tensor], source: str) -> None:
+    """Tensors a batch can be made of: dense, in memory, real; the token tensors of the usual names
+    (``TOKEN_KEYS``) integer, of shape (examples, …, tokens) with at least one token, and all of one shape."""
+    for name, t in tensors.items():
+        if t.layout != torch.strided or t.is_meta or t.device.type != "cpu":
+            kind = "meta" if t.is_meta else str(t.layout).removeprefix("torch.")
+            raise InputError(f"{source}: {name} is a {kind} tensor; the audit batch needs dense tensors in memory")
+        if t.is_complex():
+            raise InputError(f"{source}: {name} holds complex numbers")
+    shapes = {}
+    for name in TOKEN_KEYS:
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.is_floating_point() or (t.dtype == torch.bool and name == "input_ids"):
+            raise InputError(f"{source}: {name} holds {str(t.dtype).removeprefix('torch.')} values; token ids "
+                             "and masks are integers")
+        if t.ndim < 2 or t.numel() == 0:
+            raise InputError(f"{source}: {name} has shape {tuple(t.shape)}; expected (examples, tokens) with at "
+                             "least one token (or (examples, choices, tokens))")
+        shapes[name] = tuple(t.shape)
+    if len(set(shapes.values())) > 1:
+        raise InputError(f"{source}: the token tensors differ in shape: "
+                         f"{', '.join(f'{k} {v}' for k, v in shapes.items())}")
 
 
 def _text_rows(path: Path, rows: list[dict]) -> TextRecords:
-    """Examples from rows with a ``text`` field and, on every row or on none, a ``label`` (a list of one label
-    per word for token classification) and a ``target`` text (sequence-to-sequence models)."""
+    """Examples from rows with a ``text`` field (a string of real text) and, on every row or on none, a ``label``
+    (a list of one label per word for token classification) and a ``target`` text (sequence-to-sequence models)."""
     if not rows:
         raise InputError(f"{path} holds no examples")
-    if any("text" not in r for r in rows):
-        raise InputError(f"{path}: every example needs a `text` field")
+    for n, row in enumerate(rows, 1):
+        text = row.get("text")
+        if text is None:
+            raise InputError(f"{path}: every example needs a `text` field (example {n} has none)")
+        if not isinstance(text, str):
+            raise InputError(f"{path}: the text of example {n} is a {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(f"{path}: the text of example {n} holds a lone surrogate "
+                             f"(U+{ord(err.object[err.start]):04X}), which is not a character") from None
     labelled = all(r.get("label") not in (None, "") for r in rows)
     targeted = all(isinstance(r.get("target"), str) for r in rows)
     return TextRecords([str(r["text"]) for r in rows], [r["label"] for r in rows] if labelled else None,
@@ -210,14 +260,12 @@ def _text_rows(path: Path, rows: list[dict]) -> TextRecords:
 
 
 def _jsonl_rows(path: Path, text: str) -> list[dict]:
+    """One JSON object a line; lines end at ``\n`` only (a U+2028 inside a string is part of it)."""
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path} line {n} is not valid JSON ({err.msg})") from err
+        row = parse_json(line, f"{path} line {n}")
         if not isinstance(row, dict):
             raise InputError(f"{path} line {n} is not a JSON object")
         rows.append(row)
@@ -303,12 +351,17 @@ def _tokenize(records: TextRecords, loaded: LoadedModel, max_length: int) -> tup
             raise InputError("labels per word need a fast tokenizer (tokenizer.json), which maps tokens to words")
     else:
         texts = [t[:chars] for t in records.texts]
-    enc = tok(texts, is_split_into_words=by_word, return_special_tokens_mask=True, **options)
+    try:
+        enc = tok(texts, is_split_into_words=by_word, return_special_tokens_mask=True, **options)
+        targets = None if records.targets is None else tok(text_target=[t[:chars] for t in records.targets],
+                                                           **options)
+    except Exception as err:  # tokenizers raises plain Exceptions for a broken vocabulary
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"the checkpoint's tokenizer cannot tokenize the data: {first}") from err
     tensors = dict(enc)
     examples = Examples(labels=records.labels, special_tokens_mask=tensors.pop("special_tokens_mask"),
                         word_ids=[enc.word_ids(i) for i in range(len(texts))] if by_word else None)
-    if records.targets is not None:
-        targets = tok(text_target=[t[:chars] for t in records.targets], **options)
+    if targets is not None:
         examples = replace(examples, target_ids=targets["input_ids"], target_mask=targets["attention_mask"])
     return tensors, examples
 
@@ -344,11 +397,16 @@ def _check_fits(tensors: dict[str, Tensor], loaded: LoadedModel, source: str) ->
     if config is None:
         return
     ids = tensors.get("input_ids")
-    vocab, positions = getattr(config, "vocab_size", None), _max_positions(loaded)
-    if ids is not None and vocab and int(ids.max()) >= vocab:
-        raise InputError(f"{source} has token id {int(ids.max())}, beyond the model's vocabulary of {vocab}")
-    if ids is not None and positions and ids.shape[-1] > positions:
-        raise InputError(f"{source} has sequences of {ids.shape[-1]} tokens; the model takes at most {positions}")
+    if ids is not None:
+        if ids.numel() == 0:
+            raise InputError(f"{source} gives no token to audit: its texts tokenize to zero tokens")
+        vocab, positions = getattr(config, "vocab_size", None), _max_positions(loaded)
+        if vocab and int(ids.max()) >= vocab:
+            raise InputError(f"{source} has token id {int(ids.max())}, beyond the model's vocabulary of {vocab}")
+        if int(ids.min()) < 0:
+            raise InputError(f"{source} has a negative token id ({int(ids.min())})")
+        if positions and ids.shape[-1] > positions:
+            raise InputError(f"{source} has sequences of {ids.shape[-1]} tokens; the model takes at most {positions}")
     labels = tensors.get("labels")
     if loaded.task.class_labels and labels is not None and not labels.is_floating_point():
         n, used = config.num_labels, labels[labels != IGNORE_INDEX]

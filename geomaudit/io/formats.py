@@ -17,6 +17,7 @@ an allowlist of the classes DCP itself writes there (tensor and chunk descriptio
 ``torch.load(weights_only=True)``; non-tensor entries (a step counter, dataloader state) are not read.
 """
 
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -28,7 +29,6 @@ from torch import Tensor
 
 from ..errors import InputError, UsageError
 
-HF_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DCP_METADATA = ".metadata"
@@ -63,8 +63,52 @@ class FolderKind:
     files: Callable[[Path], list[Path]]
 
 
-def _hf_files(path: Path) -> list[Path]:
-    return sorted({f for pattern in HF_FILES for f in path.glob(pattern)})
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # the first present is what transformers loads
+
+
+def hf_model_files(path: Path) -> list[Path]:
+    """The files ``from_pretrained`` reads a ``save_pretrained`` folder's model from: ``config.json`` and the
+    weights — the first of ``WEIGHT_FILES`` present (or the file ``config.json``'s ``transformers_weights``
+    names), with every shard a sharded index lists. Each must be a regular file inside the folder: a shard named
+    ``../x.safetensors`` or ``/abs/x.safetensors``, or a link out of the folder or to a device, is an input error
+    (it would load weights the cache key does not cover, or hang on ``/dev/zero``)."""
+    from .files import read_json
+
+    config = read_json(path / "config.json", "config")
+    if not isinstance(config, dict):
+        raise InputError(f"{path / 'config.json'} is not a JSON object")
+    explicit = config.get("transformers_weights")
+    names = [explicit] if isinstance(explicit, str) else [n for n in WEIGHT_FILES if os.path.lexists(path / n)][:1]
+    files = [_inside(path, "config.json", "config.json")]
+    for name in names:
+        weights = _inside(path, name, "the weights file")
+        files.append(weights)
+        if name.endswith(".index.json"):
+            index = read_json(weights, "sharded index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not (isinstance(weight_map, dict) and weight_map and
+                    all(isinstance(v, str) for v in weight_map.values())):
+                raise InputError(f"{weights} is not a sharded index: its weight_map is not a mapping of tensor "
+                                 "names to file names")
+            files += [_inside(path, shard, f"the shard named in {weights.name}")
+                      for shard in sorted(set(weight_map.values()))]
+    return files
+
+
+def _inside(folder: Path, name: str, what: str) -> Path:
+    """``folder / name`` when it is a regular file inside ``folder`` (links followed); else an ``InputError``."""
+    from .files import regular_file
+
+    target = folder / name
+    try:
+        inside = target.resolve().is_relative_to(folder.resolve()) and target.resolve() != folder.resolve()
+    except (OSError, RuntimeError, ValueError):
+        inside = False
+    if not name or Path(name).is_absolute() or not inside:
+        raise InputError(f"{what} {name!r} lies outside the checkpoint folder {folder}: only files inside it "
+                         "are read")
+    return regular_file(target, what)
 
 
 def _adapter_files(path: Path) -> list[Path]:
@@ -84,7 +128,7 @@ def _accelerate_files(path: Path) -> list[Path]:
 
 FOLDER_KINDS = (
     FolderKind("peft-adapter", lambda p: (p / ADAPTER_CONFIG).is_file(), _adapter_files),
-    FolderKind("huggingface", lambda p: (p / "config.json").is_file(), _hf_files),
+    FolderKind("huggingface", lambda p: (p / "config.json").is_file(), hf_model_files),
     FolderKind("distcp", is_distcp, _distcp_files),
     FolderKind("accelerate", is_accelerate, _accelerate_files),
 )

@@ -71,12 +71,13 @@ def _parquet_rows(path: Path) -> list[dict]:
 
 
 def _json_rows(path: Path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path} is not UTF-8 text") from err
+    from .files import read_text
+
+    text = read_text(path, "data file")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise InputError(f"{path} is not valid JSON (nested too deeply)") from None
     except json.JSONDecodeError as err:
         if err.msg != "Extra data":
             raise InputError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
@@ -96,12 +97,11 @@ def _json_rows(path: Path) -> list[dict]:
 
 def _json_lines(path: Path, text: str) -> list:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    from .files import parse_json
+
+    for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {n} is not valid JSON ({err.msg})") from err
+            rows.append(parse_json(line, f"{path} line {n}"))
     return rows
 
 
@@ -138,7 +138,7 @@ def rows_to_tensors(rows: list[dict], source: str) -> dict[str, Tensor]:
             values = [v + [pad] * (width - len(v)) if not any(isinstance(x, list) for x in v) else v for v in values]
         try:
             tensors[name] = torch.tensor(values)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # ragged, or beyond int64
             raise InputError(f"column {name!r} of {source} is not a table of numbers ({_first_line(err)})") from err
     if "label" in tensors and "labels" not in tensors:
         tensors["labels"] = tensors.pop("label")

@@ -79,8 +79,8 @@ def check_target(path: str | os.PathLike, option: str = "the output") -> None:
     from ..errors import OutputError, UsageError
 
     target = Path(path)
-    if not str(path) or target.name in ("", ".", ".."):
-        raise UsageError(f"{option} {path}: give a file name")
+    if not str(path) or target.name in ("", ".", "..") or str(path).endswith(os.sep):
+        raise UsageError(f"{option} {path}: give a file name, not a folder")
     try:
         mode = target.lstat().st_mode
     except FileNotFoundError:

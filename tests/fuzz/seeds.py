@@ -1,0 +1,130 @@
+"""Valid inputs of every kind, which the fuzz cases copy and corrupt: tiny checkpoints (one file, sharded, a run
+of several steps, a plain state dict with its factory), data files of every format, and — from the worker's
+warm-up — reports of every command and a filled result cache."""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def mse(model, batch):
+    return ((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+'''
+
+GPT2_LAYER = "transformer.h.0.ln_1.*"
+BERT_LAYER = "bert.encoder.layer.0.output.LayerNorm.*"
+FAST = ["--coords", "2", "--batch-size", "4", "--max-length", "16"]
+
+
+def _gpt2(folder: Path, tokenizer, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run(folder: Path, tokenizer, losses: list[float]) -> Path:
+    """A Trainer-style run: ``checkpoint-<step>/`` folders and ``trainer_state.json`` with the loss log."""
+    folder.mkdir()
+    for step in range(1, len(losses) + 1):
+        _gpt2(folder / f"checkpoint-{step}", tokenizer, seed=step)
+    log = [{"step": s, "loss": loss} for s, loss in enumerate(losses, 1)]
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": len(losses), "log_history": log}))
+    return folder
+
+
+def build_seeds(root: Path) -> dict[str, Path]:
+    """Write every seed under ``root`` (a few seconds); the worker's warm-up adds the reports and the cache."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForSequenceClassification, GPT2LMHeadModel
+
+    from tests.conftest import EXAMPLES, _bert_tokenizer, _gpt2_tokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root.mkdir(parents=True, exist_ok=True)
+    gpt2_tok, bert_tok = _gpt2_tokenizer(), _bert_tokenizer()
+    s = {"gpt2": _gpt2(root / "gpt2", gpt2_tok)}
+    bert = root / "bert"
+    config = BertConfig(vocab_size=len(bert_tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=2,
+                        architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(bert)
+    bert_tok.save_pretrained(bert)
+    s["bert"] = bert
+    sharded = root / "sharded"
+    GPT2LMHeadModel.from_pretrained(s["gpt2"]).save_pretrained(sharded, max_shard_size="30KB")
+    gpt2_tok.save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file(), "the sharded seed has no index"
+    s["sharded"] = sharded
+    s["run_a"] = _run(root / "run-a", gpt2_tok, [5.6, 5.5])
+    s["run_b"] = _run(root / "run-b", gpt2_tok, [5.65, 5.52])
+
+    plain = root / "plain"
+    plain.mkdir()
+    (plain / "tinymlp.py").write_text(FACTORY)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    save_file(net.state_dict(), plain / "mlp.safetensors")
+    save_file({"x": torch.randn(10, 3), "y": torch.randn(10)}, plain / "data.safetensors")
+    s["plain"] = plain
+
+    data = root / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in EXAMPLES.read_text().splitlines()][:12]
+    (data / "text.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    (data / "labels.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": i % 2}) + "\n"
+                                               for i, r in enumerate(rows)))
+    (data / "text.csv").write_text("text,label\n" + "".join(f'"{r["text"]}",{i % 2}\n' for i, r in enumerate(rows)))
+    (data / "text.txt").write_text("".join(r["text"] + "\n" for r in rows))
+    ids = torch.randint(0, len(gpt2_tok), (4, 12))
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, data / "ids.safetensors")
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, data / "ids.pt")
+    s["data"] = data
+    (root / "reports").mkdir()
+    s["reports"] = root / "reports"
+    s["cache"] = root / "cache"
+    return s
+
+
+def warm_up_commands(s: dict[str, Path]) -> list[list[str]]:
+    """The worker's warm-up: one run of each command, whose reports and cache become seeds too."""
+    reports, cache = s["reports"], ["--cache-dir", str(s["cache"])]
+    gpt2 = ["--layers", GPT2_LAYER, *FAST]
+    return [
+        ["rmed", str(s["gpt2"]), *gpt2, *cache, "--json", str(reports / "rmed.json")],
+        ["rmed", str(s["run_a"]), *gpt2, *cache, "--json", str(reports / "rmed-run.json")],
+        ["rmed", str(s["bert"]), "--layers", BERT_LAYER, *FAST, "--data", str(s["data"] / "labels.jsonl"),
+         "--no-cache", "--json", str(reports / "rmed-bert.json")],
+        ["compare", str(s["run_a"]), str(s["run_b"]), *gpt2, *cache, "--json", str(reports / "compare.json")],
+        ["svd", str(s["gpt2"]), "--layers", "*mlp*", "--json", str(reports / "svd.json")],
+        ["report", str(reports / "rmed-run.json"), "--plot", str(reports / "rmed-run.png")],
+        ["report", str(reports / "compare.json"), "--format", "csv"],
+    ]
+
+
+def copy(src: Path, dst: Path) -> Path:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy(src, dst)
+    return dst
