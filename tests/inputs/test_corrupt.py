@@ -151,8 +151,8 @@ def test_shards_outside_the_checkpoint_folder_are_refused(sharded, tmp_path):
     run("rmed", str(folder), *GPT2)
     first = sorted(set(index["weight_map"].values()))[0]
     shutil.copy(folder / first, tmp_path / "outside.safetensors")
-    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
-    for shard in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "link.safetensors", ""):
+    for shard in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "sub/../../outside.safetensors",
+                  "", "."):
         _with_shard(folder, index, shard)
         fails("rmed", str(folder), *GPT2, phrase=f"the shard named in model.safetensors.index.json {shard!r} lies "
                                                   f"outside the checkpoint folder {folder}")
@@ -162,7 +162,7 @@ def test_shards_that_are_not_regular_files_are_refused(sharded):
     folder, index = sharded
     (folder / "zero.safetensors").symlink_to("/dev/zero")
     _with_shard(folder, index, "zero.safetensors")  # reading it would never end
-    fails("rmed", str(folder), *GPT2, phrase="'zero.safetensors' lies outside the checkpoint folder")
+    fails("rmed", str(folder), *GPT2, phrase="zero.safetensors is not a regular file")
     os.mkfifo(folder / "fifo.safetensors")
     _with_shard(folder, index, "fifo.safetensors")
     fails("rmed", str(folder), *GPT2, phrase="fifo.safetensors is not a regular file")
@@ -172,6 +172,9 @@ def test_shards_that_are_not_regular_files_are_refused(sharded):
     fails("rmed", str(folder), *GPT2, phrase="is not a sharded index: its weight_map is not a mapping")
     (folder / "model.safetensors.index.json").unlink()
     (folder / "model.safetensors").symlink_to("/dev/zero")
+    fails("rmed", str(folder), *GPT2, phrase="the weights file")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(folder / "fifo.safetensors")
     fails("rmed", str(folder), *GPT2, phrase="the weights file")
 
 
@@ -193,16 +196,21 @@ def test_the_cache_key_covers_every_shard(sharded, tmp_path):
 
 
 def test_cache_digest_of_the_files_loaded(tmp_path):
+    """The key hashes the files transformers reads: config.json and the shards the index names, no others."""
     from geomaudit.cache import checkpoint_digest
+    from geomaudit.io.formats import model_files
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "a.safetensors").write_bytes(b"a")
     (tmp_path / "b.safetensors").write_bytes(b"b")
-    only_a = checkpoint_digest(tmp_path, [tmp_path / "config.json", tmp_path / "a.safetensors"])
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "a.safetensors"}}))
+    assert [f.name for f in model_files(tmp_path)] == ["config.json", "model.safetensors.index.json",
+                                                       "a.safetensors"]
+    before = checkpoint_digest(tmp_path)
     (tmp_path / "b.safetensors").write_bytes(b"changed")  # not loaded: not in the key
-    assert checkpoint_digest(tmp_path, [tmp_path / "config.json", tmp_path / "a.safetensors"]) == only_a
+    assert checkpoint_digest(tmp_path) == before
     (tmp_path / "a.safetensors").write_bytes(b"changed")
-    assert checkpoint_digest(tmp_path, [tmp_path / "config.json", tmp_path / "a.safetensors"]) != only_a
+    assert checkpoint_digest(tmp_path) != before
 
 
 # ---------------------------------------------------------------- options
