@@ -22,7 +22,7 @@ from ..engine.hdiag import MicroBatch
 from ..errors import InputError, UsageError
 from .checkpoints import LoadedModel, read_state_dict
 from .files import parse_json, read_text
-from .tasks import IGNORE_INDEX, Examples
+from .tasks import IGNORE_INDEX, Examples, token_ids
 
 DEFAULT_TEXT_BATCH = 32
 CHARS_PER_TOKEN = 32  # texts are cut to this many characters per token of --max-length before tokenizing
@@ -396,6 +396,11 @@ def _check_fits(tensors: dict[str, Tensor], loaded: LoadedModel, source: str) ->
     config = getattr(loaded.model, "config", None)
     if config is None:
         return
+    if loaded.task.default_batch and "labels" in tensors:  # a language model: one label per token
+        ids, labels = token_ids(tensors), tensors["labels"]
+        if labels.shape != ids.shape:
+            raise InputError(f"{source} has labels of shape {tuple(labels.shape)} for input_ids of shape "
+                             f"{tuple(ids.shape)}: a language model takes one label per token")
     ids = tensors.get("input_ids")
     if ids is not None:
         if ids.numel() == 0:

@@ -24,6 +24,8 @@ def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
         raise InputError(f"{what} {p} does not exist") from None
     except OSError as err:
         raise InputError(f"cannot read {what} {p}: {err.strerror or err}") from None
+    except ValueError:  # a NUL byte
+        raise InputError(f"{what} {str(p)!r} is not a valid path") from None
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise InputError(f"{what} {p} is {kind}: expected a regular file")

@@ -143,7 +143,7 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else f"{text[:40]}…"
 
 
-def _token_ids(tensors: dict) -> Tensor:
+def token_ids(tensors: dict) -> Tensor:
     """The batch's ``input_ids``, which a language model's labels are made from."""
     if "input_ids" not in tensors:
         raise InputError(f"the data has no input_ids (it has {', '.join(sorted(tensors)) or 'no tensors'}): a "
@@ -156,7 +156,7 @@ def _own_tokens(tensors: dict, examples: Examples, loaded, seed: int) -> dict:
     that would be predicted from padding (the first token after left padding): its logits come from a row of
     attention with every key masked, which is no prediction at all."""
     if "labels" not in tensors:
-        labels = _token_ids(tensors).clone()
+        labels = token_ids(tensors).clone()
         if "attention_mask" in tensors:
             padding = tensors["attention_mask"] == 0
             labels[padding] = IGNORE_INDEX
@@ -172,7 +172,7 @@ def _masked_tokens(tensors: dict, examples: Examples, loaded, seed: int) -> dict
     tokenizer = loaded.tokenizer
     if tokenizer is None or tokenizer.mask_token_id is None:
         raise InputError("masking tokens for a masked LM needs the checkpoint's tokenizer with a mask token")
-    ids = _token_ids(tensors).clone()
+    ids = token_ids(tensors).clone()
     special = examples.special_tokens_mask
     if special is None:
         special = torch.tensor([tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True)

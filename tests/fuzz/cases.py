@@ -450,8 +450,7 @@ def tensor_data_case(b: Builder) -> Case:
             tensors[b.rng.choice([1, (1, 2), None])] = torch.ones(4, width)
             what += ", a key that is not a string"
         elif roll < 0.2:
-            tensors["input_ids"] = tensors["input_ids"].reshape(4, -1).to_sparse() if tensors.get(
-                "input_ids") is not None and tensors["input_ids"].numel() else torch.ones(4, 3).to_sparse()
+            tensors["input_ids"] = torch.ones(4, width, dtype=torch.long).to_sparse()
             what += ", sparse input_ids"
         elif roll < 0.3:
             tensors["input_ids"] = torch.empty(4, width, dtype=torch.long, device="meta")

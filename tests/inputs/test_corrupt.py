@@ -32,6 +32,9 @@ def fails(*args, phrase: str, code: int = 3) -> str:
      "the token tensors differ in shape: input_ids (4, 3), attention_mask (4, 4)"),
     ({"attention_mask": torch.ones(4, 3, dtype=torch.long)}, "the data has no input_ids (it has attention_mask)"),
     ({"input_ids": torch.full((2, 3), -5)}, "has a negative token id (-5)"),
+    ({"input_ids": torch.ones(4, 3, dtype=torch.long), "labels": torch.ones(4, dtype=torch.long)},
+     "has labels of shape (4,) for input_ids of shape (4, 3): a language model takes one label per token"),
+    ({"labels": torch.ones(4, 3, dtype=torch.long)}, "the data has no input_ids (it has labels)"),
 ])
 def test_token_tensors_of_the_wrong_kind(tiny_gpt2_dir, tmp_path, tensors, phrase):
     save_file(tensors, tmp_path / "data.safetensors")
@@ -156,6 +159,8 @@ def test_shards_outside_the_checkpoint_folder_are_refused(sharded, tmp_path):
         _with_shard(folder, index, shard)
         fails("rmed", str(folder), *GPT2, phrase=f"the shard named in model.safetensors.index.json {shard!r} lies "
                                                   f"outside the checkpoint folder {folder}")
+    _with_shard(folder, index, "a\0b")
+    fails("rmed", str(folder), *GPT2, phrase="is not a valid path")
 
 
 def test_shards_that_are_not_regular_files_are_refused(sharded):
