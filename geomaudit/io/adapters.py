@@ -80,7 +80,9 @@ def load_adapter(path: Path, options, load_base):
     from .checkpoints import load_tokenizer, read_state_dict
 
     try:
-        config = peft.PeftConfig.from_pretrained(str(path))
+        with warnings.catch_warnings():  # peft's notes on configs from other versions: not one line, not errors
+            warnings.simplefilter("ignore")
+            config = peft.PeftConfig.from_pretrained(str(path))
     except Exception as err:
         raise InputError(f"cannot read {path / ADAPTER_CONFIG}: {_first_line(err)}") from err
     if config.is_prompt_learning:
@@ -92,8 +94,8 @@ def load_adapter(path: Path, options, load_base):
                                                  num_labels=_head_size(state) or options.num_labels))
     config.inference_mode = False
     try:
-        with warnings.catch_warnings():  # transformers' deprecation notices about peft's calls, not the user's
-            warnings.simplefilter("ignore", FutureWarning)
+        with warnings.catch_warnings():  # deprecation notices about peft's calls, and peft fixing fan_in_fan_out
+            warnings.simplefilter("ignore")
             model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, peft.PeftModel)(loaded.model, config)
         result = peft.set_peft_model_state_dict(model, state)
     except Exception as err:
@@ -104,7 +106,10 @@ def load_adapter(path: Path, options, load_base):
         what = (f"has tensors the base model has no place for ({result.unexpected_keys[0]})"
                 if result.unexpected_keys else f"lacks {len(missing)} of its tensors ({missing[0]})")
         raise InputError(f"the adapter {path} {what}")
-    net = model.merge_and_unload().requires_grad_(True) if options.merge else model.get_base_model()
+    try:
+        net = model.merge_and_unload().requires_grad_(True) if options.merge else model.get_base_model()
+    except (NotImplementedError, ValueError, RuntimeError) as err:  # a variant peft cannot merge (aLoRA …)
+        raise InputError(f"the adapter {path} cannot be merged into its base model: {_first_line(err)}") from err
     saved = tuple(config.modules_to_save or ())
     initialised = [n for n in loaded.initialised  # a head the adapter carries is restored, not initialised
                    if not any(f".{n.rsplit('.', 1)[0]}".endswith(f".{m}") for m in saved)]

@@ -469,6 +469,88 @@ def tensor_data_case(b: Builder) -> Case:
                                                                     *extra))
 
 
+def json_data_case(b: Builder) -> Case:
+    """``.json`` data: an array of rows, an object of columns, JSON Lines, or pre-tokenized rows."""
+    name = b.rng.choice(["rows.json", "ids.json"])
+    doc = json.loads((b.seeds["data"] / name).read_text())
+    what = []
+    for _ in range(b.rng.choice([1, 1, 2])):
+        doc, w = mutate_json(b.rng, doc, [(0, "input_ids"), (0, "text"), (0, "label"), (1,), (0, "input_ids", 0)])
+        what.append(w)
+    path = b.dir / "data.json"
+    text = dump(doc)
+    if b.rng.random() < 0.15:
+        text = b.rng.choice(["[" * 30_000, "[{}]", "{}", '{"a": [1], "b": [1, 2]}', "", "[1, 2]",
+                             '{"text": "a"}\n{"text": "b"}\n', '{"input_ids": [1e999]}'])
+        what = [f"replaced by {text[:30]!r}"]
+    path.write_text(text)
+    ckpt = b.rng.choice(["gpt2", "bert"])
+    layer = BERT_LAYER if ckpt == "bert" else GPT2_LAYER
+    return b.case("json-data", f"{ckpt} on {name}: {'; '.join(what)}", b.audit(b.seeds[ckpt], layer,
+                                                                                "--data", str(path)))
+
+
+def adapter_case(b: Builder) -> Case:
+    """A PEFT adapter folder: its config (base model, target modules, rank …) or weights corrupted."""
+    adapter = b.copy("adapter")
+    roll = b.rng.random()
+    if roll < 0.5:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config, what = mutate_json(b.rng, config, [("base_model_name_or_path",), ("r",), ("target_modules",),
+                                                   ("lora_alpha",), ("task_type",), ("peft_type",),
+                                                   ("fan_in_fan_out",), ("modules_to_save",)])
+        if b.rng.random() < 0.3:
+            config["base_model_name_or_path"] = b.rng.choice(["/dev/zero", "..", str(b.dir), "../gpt2", "x/y",
+                                                              str(adapter), "", "/"])
+            what = f"base_model_name_or_path = {config['base_model_name_or_path']!r}"
+        (adapter / "adapter_config.json").write_text(dump(config))
+    else:
+        path = adapter / "adapter_model.safetensors"
+        data = bytearray(path.read_bytes())
+        cut = b.rng.randrange(len(data))
+        data = data[:cut] if b.rng.random() < 0.5 else data[:cut] + bytes([b.rng.randrange(256)]) + data[cut + 1:]
+        path.write_bytes(bytes(data))
+        what = f"adapter_model.safetensors changed at byte {cut}"
+    args = b.audit(adapter, "*lora*") if b.rng.random() < 0.8 else b.audit(adapter, GPT2_LAYER, "--merge")
+    return b.case("adapter", f"adapter: {what}", args)
+
+
+def hub_case(b: Builder) -> Case:
+    """A hub id resolved from a local Hugging Face cache whose refs, snapshot links or blobs are corrupted."""
+    import hashlib
+
+    repo = b.dir / "hf-home" / "hub" / "models--tiny-org--tiny-gpt2"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in b.seeds["gpt2"].iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        copy(f, repo / "blobs" / digest)
+        (snapshot / f.name).symlink_to(f"../../blobs/{digest}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    roll = b.rng.random()
+    if roll < 0.3:
+        text = b.rng.choice(["", "x" * 40, "../../..", "/etc", commit + "\n", "\x00", "deadbeef"])
+        (repo / "refs" / "main").write_text(text)
+        what = f"refs/main = {text[:20]!r}"
+    elif roll < 0.6:
+        link = snapshot / b.rng.choice(["model.safetensors", "config.json", "tokenizer.json"])
+        link.unlink()
+        target = b.rng.choice(["/dev/zero", "../../blobs/missing", str(b.dir), "/etc/passwd"])
+        link.symlink_to(target)
+        what = f"{link.name} -> {target}"
+    else:
+        blob = b.rng.choice(sorted((repo / "blobs").iterdir()))
+        data = blob.read_bytes()
+        blob.write_bytes(data[:b.rng.randrange(len(data) + 1)])
+        what = f"blob {blob.name[:8]} truncated"
+    repo_id = b.rng.choice(["tiny-org/tiny-gpt2"] * 4 + ["tiny-org/absent", "../x", "a/b/c", "tiny-org/tiny-gpt2@x"])
+    return b.case("hub", f"hub {repo_id}: {what}", b.audit(Path(repo_id), GPT2_LAYER),
+                  env={"HF_HOME": str(b.dir / "hf-home"), "HF_HUB_CACHE": str(b.dir / "hf-home" / "hub")})
+
+
 # ---------------------------------------------------------------- reports, caches, runs
 
 REPORTS = ["rmed.json", "rmed-run.json", "rmed-bert.json", "compare.json", "svd.json"]
@@ -676,6 +758,7 @@ KINDS: dict[str, tuple[float, Callable[[Builder], Case]]] = {  # kind → (weigh
     "tokenizer": (1, tokenizer_case), "custom-code": (1, custom_code_case), "pickle": (0.5, pickle_case),
     "text-data": (3, text_data_case), "tensor-data": (2.5, tensor_data_case), "report": (3, report_case),
     "cache": (1.5, cache_case), "run": (2, run_case), "output": (2, output_case), "options": (2, options_case),
+    "json-data": (1.5, json_data_case), "adapter": (1.5, adapter_case), "hub": (1, hub_case),
 }
 
 

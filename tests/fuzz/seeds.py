@@ -99,7 +99,21 @@ def build_seeds(root: Path) -> dict[str, Path]:
     ids = torch.randint(0, len(gpt2_tok), (4, 12))
     save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, data / "ids.safetensors")
     torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, data / "ids.pt")
+    rows_json = [{"text": r["text"], "label": i % 2} for i, r in enumerate(rows)]
+    (data / "rows.json").write_text(json.dumps(rows_json))
+    (data / "ids.json").write_text(json.dumps([{"input_ids": row} for row in ids.tolist()]))
     s["data"] = data
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = get_peft_model(GPT2LMHeadModel.from_pretrained(s["gpt2"]),
+                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    lora.save_pretrained(root / "adapter")
+    config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(s["gpt2"])
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    s["adapter"] = root / "adapter"
     (root / "reports").mkdir()
     s["reports"] = root / "reports"
     s["cache"] = root / "cache"
@@ -119,6 +133,7 @@ def warm_up_commands(s: dict[str, Path]) -> list[list[str]]:
         ["svd", str(s["gpt2"]), "--layers", "*mlp*", "--json", str(reports / "svd.json")],
         ["report", str(reports / "rmed-run.json"), "--plot", str(reports / "rmed-run.png")],
         ["report", str(reports / "compare.json"), "--format", "csv"],
+        ["rmed", str(s["adapter"]), "--layers", "*lora*", *FAST, "--no-cache"],
     ]
 
 

@@ -233,3 +233,39 @@ def test_an_output_path_ending_in_a_slash_is_a_folder(tiny_gpt2_dir, tmp_path):
     fails("rmed", str(tiny_gpt2_dir), *GPT2, "--json", f"{tmp_path}/r.json/", code=2,
           phrase="give a file name, not a folder")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- adapters
+
+@pytest.fixture
+def lora(tiny_gpt2_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir),
+                           LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text()) | {"base_model_name_or_path": str(tiny_gpt2_dir)}
+    config_path.write_text(json.dumps(config))
+    return tmp_path / "adapter", config
+
+
+def test_an_adapter_peft_cannot_merge(lora):
+    folder, config = lora
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"alora_invocation_tokens": [1]}))
+    fails("rmed", str(folder), *GPT2, "--merge", phrase=f"the adapter {folder} cannot be merged into its base model")
+
+
+def test_peft_notes_about_a_config_stay_off_stderr(lora):
+    """peft fixes fan_in_fan_out for GPT-2's Conv1D with a UserWarning: not a line for the user."""
+    folder, config = lora
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"fan_in_fan_out": False,
+                                                                     "a_future_option": 1}))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # what would reach stderr outside pytest
+        warnings.simplefilter("always")
+        run("rmed", str(folder), "--coords", "2", "--layers", "*lora_A*", "--no-cache", "--json", "-")
+    assert not [w for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
