@@ -79,9 +79,12 @@ def schema_problem(document: dict) -> str | None:
     if error is None:
         return None
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-    return f"{where or 'the document'}: {_shown(error.message, 160)}"
+    return f"{where or 'the document'}: {_cut(error.message, 160)}"
 
 
-def _shown(value, limit: int = 60) -> str:
-    text = value if isinstance(value, str) and limit > 60 else repr(value)
+def _shown(value) -> str:
+    return _cut(repr(value), 60)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
