@@ -160,12 +160,12 @@ def _suffix(*suffixes: str) -> Callable[[Path], bool]:
 
 
 def _text_of(path: Path) -> str:
-    """The file's UTF-8 text (regular files only), with ``\r\n`` and ``\r`` line ends read as ``\n``."""
+    r"""The file's UTF-8 text (regular files only), with ``\r\n`` and ``\r`` line ends read as ``\n``."""
     return read_text(path, "data file").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_lines(path: Path) -> TextRecords:
-    """One example a line: lines end at ``\n`` only (U+2028 and other Unicode separators are text)."""
+    r"""One example a line: lines end at ``\n`` only (U+2028 and other Unicode separators are text)."""
     return _text_rows(path, [{"text": ln} for ln in _text_of(path).split("\n") if ln.strip()])
 
 
@@ -260,7 +260,7 @@ def _text_rows(path: Path, rows: list[dict]) -> TextRecords:
 
 
 def _jsonl_rows(path: Path, text: str) -> list[dict]:
-    """One JSON object a line; lines end at ``\n`` only (a U+2028 inside a string is part of it)."""
+    r"""One JSON object a line; lines end at ``\n`` only (a U+2028 inside a string is part of it)."""
     rows = []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
