@@ -4,6 +4,7 @@ warm-up — reports of every command and a filled result cache."""
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,9 +108,11 @@ def build_seeds(root: Path) -> dict[str, Path]:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    lora = get_peft_model(GPT2LMHeadModel.from_pretrained(s["gpt2"]),
-                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
-    lora.save_pretrained(root / "adapter")
+    with warnings.catch_warnings():  # transformers' deprecation notices about peft's calls
+        warnings.simplefilter("ignore", FutureWarning)
+        lora = get_peft_model(GPT2LMHeadModel.from_pretrained(s["gpt2"]),
+                              LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+        lora.save_pretrained(root / "adapter")
     config = json.loads((root / "adapter" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(s["gpt2"])
     (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
