@@ -163,7 +163,7 @@ class Tally:
     kinds: Counter = field(default_factory=Counter)
     failures: list[tuple[int, Case, list[str]]] = field(default_factory=list)
     slowest: tuple[float, str] = (0.0, "")
-    max_rss_mib: float = 0.0
+    biggest: tuple[float, str] = (0.0, "")
     seconds: float = 0.0
 
     def add(self, number: int, case: Case, outcome: Outcome, found: list[str]) -> None:
@@ -171,7 +171,8 @@ class Tally:
         self.codes[outcome.code] += 1
         self.kinds[case.kind] += 1
         self.seconds += outcome.seconds
-        self.max_rss_mib = max(self.max_rss_mib, outcome.max_rss_mib)
+        if outcome.max_rss_mib > self.biggest[0]:
+            self.biggest = (outcome.max_rss_mib, f"case {number} ({case.kind}: {case.what})")
         if outcome.seconds > self.slowest[0]:
             self.slowest = (outcome.seconds, f"case {number} ({case.kind}: {case.what})")
         if found:
@@ -189,8 +190,8 @@ class Tally:
             f"exit 4: {sum(n for c, n in cats.items() if c.startswith('exit-'))}, hangs: {cats['hang']}, "
             f"over {MEMORY_BOUND_MIB // 1024} GiB: {cats['memory']}, other failures: "
             f"{sum(n for c, n in cats.items() if not c.startswith(('exit-', 'code execution', 'replaced', 'hang', 'memory')))}",
-            f"slowest case {self.slowest[0]:.1f} s: {self.slowest[1]}; peak memory {self.max_rss_mib:.0f} MiB; "
-            f"{self.seconds:.0f} s in the cases",
+            f"slowest case {self.slowest[0]:.1f} s: {self.slowest[1]}",
+            f"peak memory {self.biggest[0]:.0f} MiB: {self.biggest[1]}; {self.seconds:.0f} s in the cases",
         ])
 
     def details(self, limit: int = 40) -> str:
