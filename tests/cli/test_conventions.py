@@ -8,7 +8,7 @@ from geomaudit import __version__
 
 from .invoke import run
 
-COMMANDS = ["rmed", "compare", "svd", "report", "demo"]
+COMMANDS = ["rmed", "compare", "svd", "report", "demo", "experiment"]
 WIDE = {"COLUMNS": "200"}
 FAST = ["--coords", "4", "--layers", "transformer.h.1.mlp.*", "--batch-size", "4"]
 

@@ -102,7 +102,7 @@ def test_demo_is_the_experiment_with_its_defaults():
     assert config.layers == () and defaults["layers"] is None
     assert defaults["targets"].value == config.targets
     demo = {p.name: p.default for p in commands["demo"].params}
-    assert set(demo) == {"out", "steps", "device", "seed", "text", "coords"}
+    assert set(demo) == {"out", "steps", "device", "seed", "text", "coords", "debug", "version"}
     assert all(demo[k] == defaults[k] for k in demo if k != "out")
 
 
