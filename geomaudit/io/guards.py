@@ -46,7 +46,7 @@ def refuse_remote_code(path: Path) -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     model_type = config.get("model_type")
-    if model_type is not None and model_type not in CONFIG_MAPPING_NAMES:
+    if model_type is not None and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES):
         raise InputError(f"{path / 'config.json'} names model_type {model_type!r}, which transformers does not "
                          "know (geomaudit never runs a checkpoint's own model code)")
 

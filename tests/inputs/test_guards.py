@@ -67,6 +67,9 @@ def test_a_model_type_transformers_does_not_know_is_refused(tiny_gpt2_dir, tmp_p
     edit_config(folder, model_type="my-own-gpt")
     assert "names model_type 'my-own-gpt', which transformers does not know" in run(
         "rmed", str(folder), code=3).stderr
+    edit_config(folder, model_type={"x": "gpt2"})  # not even a name (found by the fuzz suite)
+    assert "names model_type {'x': 'gpt2'}, which transformers does not know" in run(
+        "rmed", str(folder), code=3).stderr
 
 
 def test_weights_that_do_not_match_the_config_are_refused(tiny_gpt2_dir, tmp_path):
