@@ -37,15 +37,8 @@ class Metric(str, Enum):
     r_v = "r_v"
 
 
-class RmedMetric(str, Enum):
-    """The statistics ``rmed`` computes (``r_u``, ``r_v`` are ``svd``'s)."""
-
-    r_med = "r_med"
-    r_med_stab = "r_med_stab"
-    r_topk = "r_topk"
-    s_med = "s_med"
-    r_diag_mean = "r_diag_mean"
-    r_diag_median = "r_diag_median"
+# the statistics ``rmed`` computes (``r_u``, ``r_v`` are ``svd``'s)
+RmedMetric = Enum("RmedMetric", {m.name: m.value for m in Metric if m not in (Metric.r_u, Metric.r_v)}, type=str)
 
 
 # help panels: every option of a command is listed under one of these

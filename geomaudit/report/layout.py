@@ -105,16 +105,6 @@ def _fold_name(name: str, width: int) -> str:
     return "\n".join(lines)
 
 
-def _fold_name(name: str, width: int) -> str:
-    """A dotted name broken after dots into lines of at most ``width`` characters where it can be."""
-    lines = [""]
-    for part in name.replace(".", ".\n").split("\n"):
-        if lines[-1] and len(lines[-1]) + len(part) > width:
-            lines.append("")
-        lines[-1] += part
-    return "\n".join(lines)
-
-
 def _rich_table(grid: Grid, columns: Sequence[int], width: int | None = None):
     """A rich table of the key columns and ``columns``. When it is wider than ``width``, the names in the first
     key column are broken after dots to make room; rich folds whatever still does not fit: nothing is cut."""
