@@ -29,6 +29,24 @@ class Group(typer.core.TyperGroup):
     def get_help_option(self, ctx):
         return _quiet_help(super().get_help_option(ctx))
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """click's own errors (a bad option value, an unknown option, a missing argument) as one ``error:`` line
+        and exit 2, like every other error, instead of a usage box."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as err:  # click's errors (typer vendors click)
+            if type(err).__name__ != "NoArgsIsHelpError":  # that one has printed the help already, as typer does
+                where = getattr(err, "ctx", None)
+                hint = f" (see {where.command_path} -h)" if where is not None else ""
+                _error_line("error:", err.format_message() + hint)
+            sys.exit(getattr(err, "exit_code", 2))
+        except typer.Abort:
+            stderr.print("interrupted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},

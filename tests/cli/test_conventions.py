@@ -29,6 +29,19 @@ def test_help_panels_flags_and_choices(command):
         assert {"Input", "Sampling", "Statistics", "Precision and device", "Output", "Gates (CI)"} <= set(panels)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["compare", "a", "b", "--reference", "c"], "Invalid value for '--reference'"),
+    (["rmed", "x", "--coords", "abc"], "Invalid value for '--coords'"),
+    (["rmed"], "Missing argument 'CKPT'"),
+    (["rmed", "x", "--bogus"], "No such option: --bogus"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_a_malformed_command_line_is_one_error_line_and_exit_2(args, message):
+    """click's own errors read like every other error (found by the fuzz suite: they were a usage box)."""
+    lines = run(*args, code=2).stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}") and lines[0].endswith(" -h)"), lines
+
+
 def test_choices_are_shown_and_rmed_lists_only_its_own_metrics():
     compare = run("compare", "-h", env=WIDE).stdout
     assert "<a|b>" in compare and "<audit|trainer_state>" in compare and "r_u|r_v>" in compare
