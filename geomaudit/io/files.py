@@ -72,8 +72,15 @@ def parse_json(text: str, where: str, allow_nan: bool = False):
 
 
 def read_json(path: str | os.PathLike, what: str = "file", allow_nan: bool = False):
-    """The JSON document in the regular file ``path`` (``read_text``, ``parse_json``)."""
-    return parse_json(read_text(path, what), f"{what} {path}", allow_nan)
+    """The JSON document in the regular file ``path`` (``read_text``, ``parse_json``); a string escaping a lone
+    surrogate (``"\\ud800"``), which is not a character, is refused."""
+    document = parse_json(read_text(path, what), f"{what} {path}", allow_nan)
+    try:
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{what} {path} holds a lone surrogate (U+{ord(err.object[err.start]):04X}), which is "
+                         "not a character") from None
+    return document
 
 
 def _short(text: str, limit: int = 200) -> str:

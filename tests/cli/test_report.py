@@ -106,6 +106,7 @@ def test_plot_into_a_missing_folder_is_a_usage_error(reports, tmp_path):
     ('{"schema": "geomaudit.report/1", "x": 1e999}', "1e999 is too large for a float"),
     (b"\xff\xfe", "is not UTF-8 text"),
     ("[1, 2]", "is not a geomaudit report"),
+    ('{"schema": "geomaudit.report/1", "command": "x\\ud800"}', "holds a lone surrogate (U+D800)"),  # fuzz case
     ('{"schema": "lm-eval/1", "results": {}}', "is not a geomaudit report"),
     ('{"schema": "geomaudit.report/2", "command": "rmed", "checkpoints": [{}]}', "from a newer geomaudit"),
     ('{"schema": "geomaudit.report/1", "command": "rmed", "checkpoints": []}', "'data' is a required property"),
