@@ -98,7 +98,68 @@ def test_alignment_errors(tiny_gpt2_dir, tmp_path, trainer_runs):
     state["param_groups"] = state["param_groups"][:1]
     torch.save(state, folder / "optimizer.pt")
     result = runner.invoke(app, ["rmed", str(folder), *args])
-    assert result.exit_code == 3 and "does not follow the Trainer's parameter groups" in result.stderr
+    assert result.exit_code == 3 and "does not fit this model: its parameter groups [" in result.stderr
     (folder / "optimizer.pt").write_bytes(b"junk")
     result = runner.invoke(app, ["rmed", str(folder), *args])
     assert result.exit_code == 3 and "cannot read" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def one_group_run(tiny_gpt2_dir, tmp_path_factory):
+    """The most common custom setup: ``Trainer(optimizers=(AdamW(model.parameters()), None))``, one group."""
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+
+    from ..trainer_runs import _Sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    out = tmp_path_factory.mktemp("one-group")
+    args = TrainingArguments(out, max_steps=2, save_steps=2, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=_Sentences(tokenizer, model.config.n_positions),
+            data_collator=default_data_collator, processing_class=tokenizer, optimizers=(opt, None)).train()
+    return out / "checkpoint-2", model, opt
+
+
+def test_alignment_of_a_one_group_adamw_trainer_run(one_group_run):
+    """The Adam step read from optimizer.pt is the one the live optimizer holds for that very Parameter object
+    (the optimizer's own mapping, no parameter numbering involved); Spearman as scipy computes it."""
+    from scipy import stats
+
+    folder, model, opt = one_group_run
+    assert len(opt.param_groups) == 1 and (folder / "optimizer.pt").is_file()
+    names = ["transformer.h.1.mlp.c_fc.bias", "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight"]
+    args = ["rmed", str(folder), "--coords", "12", "--batch-size", "4", "--alignment", "--json", "-"]
+    result = runner.invoke(app, [*args, *(a for n in names for a in ("--layers", n))])
+    assert result.exit_code == 0, result.output
+    layers = {la["name"]: la for la in json.loads(result.stdout)["checkpoints"][0]["layers"]}
+    params, group = dict(model.named_parameters()), opt.param_groups[0]
+    (b1, b2), eps = group["betas"], group["eps"]
+    for name in names:
+        s = opt.state[params[name]]
+        t = float(s["step"])
+        by_hand = (s["exp_avg"] / (1 - b1 ** t)) / ((s["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + eps)
+        layer = layers[name]
+        order = np.argsort(np.abs(layer["h_diag"]), kind="stable")
+        step = by_hand.reshape(-1)[np.array(layer["indices"])[order]].abs().double().numpy()
+        np.testing.assert_allclose(layer["alignment"]["curves"]["step_abs"], step, rtol=1e-6, atol=1e-12)
+        rho = stats.spearmanr(np.abs(layer["h_diag"]), by_hand.reshape(-1)[layer["indices"]].abs()).statistic
+        assert layer["alignment"]["spearman_step"] == pytest.approx(rho, abs=1e-9)
+
+
+@pytest.mark.parametrize("change", ["drop", "reverse"])
+def test_a_layout_that_does_not_fit_is_an_input_error(one_group_run, tmp_path, change):
+    folder, _, _ = one_group_run
+    copy = tmp_path / "checkpoint-2"
+    shutil.copytree(folder, copy)
+    state = torch.load(copy / "optimizer.pt", weights_only=True)
+    group = state["param_groups"][0]
+    group["params"] = group["params"][:-1] if change == "drop" else group["params"][::-1]
+    torch.save(state, copy / "optimizer.pt")
+    result = runner.invoke(app, ["rmed", str(copy), "--layers", "transformer.ln_f.weight", "--coords", "4",
+                                 "--batch-size", "2", "--alignment"])
+    assert result.exit_code == 3, result.output
+    count = len(group["params"])
+    assert f"does not fit this model: its parameter groups [{count}] match neither the Trainer's groups" in \
+        result.stderr
