@@ -1,6 +1,8 @@
 """``GeometryCallback`` inside real ``Trainer.train()`` runs of the tiny GPT-2, against ``geomaudit rmed``."""
 
+import inspect
 import json
+import logging
 import math
 
 import jsonschema
@@ -11,7 +13,7 @@ from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from geomaudit.cli import app
-from geomaudit.errors import UsageError
+from geomaudit.errors import InputError, UsageError
 from geomaudit.integrations import GeometryCallback
 from geomaudit.report.document import schema
 
@@ -73,6 +75,9 @@ def test_r_med_values_are_logged_at_the_audit_steps(runs):
         assert "loss" in entry  # joined the Trainer's own log of that step
     seen = {e["step"]: e for e in runs["recorder"].logs if "geomaudit/loss" in e}
     assert {s: seen[s]["geomaudit/loss"] for s in seen} == {s: logged[s]["geomaudit/loss"] for s in logged}
+    for step, entry in logged.items():  # the integrations see the per-layer values too
+        assert {k: seen[step][k] for k in entry if k.startswith("geomaudit/")} == {
+            k: v for k, v in entry.items() if k.startswith("geomaudit/")}
     with open(f"{runs['audited'].args.output_dir}/checkpoint-4/trainer_state.json") as f:
         assert [e["step"] for e in json.load(f)["log_history"] if "geomaudit/loss" in e] == [2, 4]
 
@@ -83,8 +88,92 @@ def test_passed_to_the_trainer_it_logs_to_the_history_and_the_callbacks_after_it
     trainer = _trainer(tmp_path, tiny_gpt2_dir, [before, _callback(examples_jsonl, every=1), after], steps=2)
     trainer.train()
     assert [e["step"] for e in trainer.state.log_history if "geomaudit/r_med_stab_median" in e] == [1, 2]
+    assert all(f"geomaudit/r_med_stab/{n}" in e for e in trainer.state.log_history if "geomaudit/loss" in e
+               for n in NAMES)
     assert [e["step"] for e in after.logs if "geomaudit/r_med_stab_median" in e] == [1, 2]
+    assert not any("geomaudit/r_med_stab/" in k for e in after.logs for k in e)  # the console comes after it
     assert not any("geomaudit/loss" in e for e in before.logs)  # why attach() exists: integrations come first
+
+
+@pytest.mark.parametrize("attach", [True, False])
+def test_the_console_gets_the_summary_only(tiny_gpt2_dir, examples_jsonl, tmp_path, capsys, attach):
+    recorder, callback = Recorder(), _callback(examples_jsonl)
+    trainer = _trainer(tmp_path, tiny_gpt2_dir, [recorder] + ([] if attach else [callback]), steps=2)
+    if attach:  # disable_tqdm: PrinterCallback prints the logs, last
+        callback.attach(trainer)
+    trainer.train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if "geomaudit/" in line]
+    assert len(printed) == 1 and "'geomaudit/r_med_stab_median'" in printed[0] and "'loss'" in printed[0]
+    assert "geomaudit/r_med_stab_max" in printed[0] and "geomaudit/loss" in printed[0]
+    assert "geomaudit/r_med_stab/" not in printed[0]
+    per_layer = {f"geomaudit/r_med_stab/{n}" for n in NAMES}
+    assert per_layer <= set(trainer.state.log_history[-2 if "train_runtime" in trainer.state.log_history[-1]
+                                                       else -1])
+    seen = [e for e in recorder.logs if "geomaudit/loss" in e]  # the recorder runs where integrations run
+    assert per_layer <= set(seen[0]) if attach else not seen
+
+
+class FreezeAtStep(TrainerCallback):
+    """A real fault for one audit: the audited layers are frozen (``requires_grad`` off) from the end of step
+    ``step`` — after its optimizer step — until the next step begins, so no layer matches the callback's glob
+    then, while training itself is unchanged."""
+
+    def __init__(self, step: int, model):
+        self.step, self.params = step, [p for n, p in model.named_parameters() if n in NAMES]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            for p in self.params:
+                p.requires_grad_(False)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+def test_a_failing_audit_is_a_warning_and_training_goes_on(runs, tiny_gpt2_dir, examples_jsonl, tmp_path, caplog):
+    trainer = _trainer(tmp_path, tiny_gpt2_dir)
+    trainer.add_callback(FreezeAtStep(2, trainer.model))
+    trainer.add_callback(_callback(examples_jsonl))
+    with caplog.at_level(logging.WARNING, logger="geomaudit"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("geomaudit")]
+    assert warnings == ["geomaudit: the audit at step 2 failed and was skipped; training goes on (UsageError: "
+                        "--layers 'transformer.h.1.mlp.*' matches no trainable parameter (names look like "
+                        "'transformer.wte.weight'))"]
+    assert trainer.state.global_step == 4
+    assert [e["step"] for e in trainer.state.log_history if "geomaudit/loss" in e] == [4]
+    assert not (tmp_path / "geomaudit-step-2.json").exists() and (tmp_path / "geomaudit-step-4.json").is_file()
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    assert losses == [(e["step"], e["loss"]) for e in runs["plain"].state.log_history if "loss" in e]
+
+
+def test_bad_data_or_layers_fail_before_training(tiny_gpt2_dir, tmp_path):
+    from transformers import GPT2Config
+
+    vocab = GPT2Config.from_pretrained(tiny_gpt2_dir).vocab_size
+    ids = torch.full((2, 4), 5)
+    cases = [(GeometryCallback(every=1, data={"input_ids": ids + vocab}, coords=3), InputError,
+              f"tensors given to GeometryCallback has token id {vocab + 5}, beyond the model's vocabulary"),
+             (GeometryCallback(every=1, data={"input_ids": ids, "attention_mask": torch.ones(2, 7)}), InputError,
+              "GeometryCallback's audit batch from tensors given to GeometryCallback does not fit the model: "
+              "IndexError: The shape of the mask"),
+             (GeometryCallback(every=1, layers=["encoder.*"], coords=3), UsageError, "matches no trainable")]
+    for callback, error, message in cases:
+        trainer = _trainer(tmp_path, tiny_gpt2_dir, [callback])
+        with pytest.raises(error, match=message):
+            trainer.train()
+        assert trainer.state.global_step == 0
+
+
+def test_defaults_are_the_rmed_command_s():
+    from geomaudit.cli.rmed import rmed
+
+    command = {n: p.default for n, p in inspect.signature(rmed).parameters.items()}
+    callback = {n: p.default for n, p in inspect.signature(GeometryCallback).parameters.items()}
+    for name in ("coords", "batch_size", "micro_batch", "max_length", "seed", "topk"):
+        assert callback[name] == command[name], name
+    assert callback["metric"] == "r_med_stab" and command["metric"] is None  # rmed's default, see gate_metric
 
 
 def test_json_reports_validate_and_match_rmed_on_the_saved_checkpoints(runs, examples_jsonl):
@@ -167,3 +256,58 @@ def test_default_data_needs_a_tokenizer(tiny_gpt2_dir):
 
     with pytest.raises(UsageError, match="needs data= when the Trainer has no processing_class"):
         GeometryCallback(every=1).audit(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir), step=1)
+
+
+def test_report_merges_the_per_step_files_into_one_trajectory(runs, tmp_path):
+    """``geomaudit report geomaudit-step-*.json``: one trajectory, as tables and as the per-layer line plot."""
+    from matplotlib.figure import Figure
+
+    from geomaudit.cli.report import read_report
+    from geomaudit.report.document import merge_trajectory
+    from geomaudit.report.plots import _rmed_figure
+
+    from .cli.invoke import run
+
+    out = runs["audited"].args.output_dir
+    files = [f"{out}/geomaudit-step-4.json", f"{out}/geomaudit-step-2.json"]  # in any order
+    singles = {step: json.loads(open(f"{out}/geomaudit-step-{step}.json").read()) for step in (2, 4)}
+    merged = merge_trajectory([read_report(f) for f in files], files)
+    jsonschema.validate(merged, schema())
+    assert merged["checkpoints"] == [singles[2]["checkpoints"][0], singles[4]["checkpoints"][0]]
+    assert run("report", *files).stdout == run("report", files[1]).stdout + run("report", files[0]).stdout
+
+    png = tmp_path / "trajectory.png"
+    assert run("report", *files, "--plot", str(png)).exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    lines = {line.get_label(): line for line in _rmed_figure(Figure, merged, "r_med_stab").axes[0].get_lines()}
+    for name in NAMES:  # the legend drops the shared prefix
+        line = lines[name.removeprefix("transformer.h.1.mlp.")]
+        assert list(line.get_xdata()) == [2, 4]
+        expected = [next(la for la in singles[s]["checkpoints"][0]["layers"] if la["name"] == name)["stats"][
+            "r_med_stab"] for s in (2, 4)]
+        np.testing.assert_allclose(line.get_ydata(), expected)
+
+
+def test_reports_that_are_not_one_audit_do_not_merge(runs, tmp_path):
+    from .cli.invoke import run
+
+    out = runs["audited"].args.output_dir
+    step2, step4 = f"{out}/geomaudit-step-2.json", f"{out}/geomaudit-step-4.json"
+    assert "both hold step 2" in run("report", step2, step2, code=3).stderr
+
+    def edited(name: str, edit) -> str:
+        document = json.loads(open(step4).read())
+        edit(document)
+        path = tmp_path / name
+        path.write_text(json.dumps(document))
+        return str(path)
+
+    other = edited("coords.json", lambda d: d["settings"].update(coords=7))
+    assert f"{other} and {step2} are not reports of one audit: their settings differ" in run(
+        "report", step2, other, code=3).stderr
+    other = edited("data.json", lambda d: d["data"].update(fingerprint="sha256:" + "0" * 64))
+    assert "their data differ" in run("report", step2, other, code=3).stderr
+    other = edited("nostep.json", lambda d: d["checkpoints"][0].update(step=None))
+    assert f"{other} holds a checkpoint without a step" in run("report", step2, other, code=3).stderr
+    other = str(tmp_path / "svd.json")
+    run("svd", f"{out}/checkpoint-4", "--json", other)
+    assert f"{other} is a svd report: only rmed reports" in run("report", step2, other, code=3).stderr

@@ -14,8 +14,11 @@ READS_MAJOR = 1
 @app.command(cls=Command)
 def report(
     ctx: typer.Context,
-    result: Annotated[str, typer.Argument(metavar="RESULT.json", help="A JSON report written by geomaudit rmed, "
-                                          "compare or svd --json.")],
+    results: Annotated[list[str], typer.Argument(metavar="RESULT.json", show_default=False,
+                                                 help="A JSON report written by geomaudit rmed, compare or svd "
+                                                      "--json; several rmed reports of one audit at different "
+                                                      "steps (GeometryCallback's geomaudit-step-*.json) are "
+                                                      "merged into one trajectory.")],
     plot: Annotated[str | None, typer.Option("--plot", metavar="OUT.png", rich_help_panel=OUTPUT,
                                              help="Draw the report to a PNG instead of printing tables (needs "
                                                   "matplotlib: pip install 'geomaudit\\[plot]').")] = None,
@@ -26,14 +29,21 @@ def report(
     debug: Debug = False,
     version: Version = False,
 ):
-    """Print a saved report's tables again, or plot it: R_med per layer over steps, matched losses, spectra."""
+    """Print a saved report's tables again, or plot it: R_med per layer over steps, matched losses, spectra.
+    Several per-step rmed reports are merged into one trajectory."""
     with handle_errors(ctx):
         from ..report.document import check_target
         from ..report.tables import compare_tables, rmed_tables, svd_tables
 
         if plot is not None:
             check_target(plot, "--plot")
-        document = read_report(result)
+        documents = [read_report(path) for path in results]
+        if len(documents) == 1:
+            document = documents[0]
+        else:
+            from ..report.document import merge_trajectory
+
+            document = merge_trajectory(documents, results)
         if plot:
             from ..report.plots import plot_report
 

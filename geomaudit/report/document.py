@@ -131,3 +131,37 @@ def write_json(document: dict, path: str | os.PathLike) -> None:
     """Write ``document`` to ``path`` atomically (``atomic_write``); it is serialised before the file is opened."""
     data = (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
+
+
+MERGED_MUST_AGREE = (("settings", lambda d: d["settings"]), ("data", lambda d: d["data"]["fingerprint"]),
+                     ("model class", lambda d: d["model"]["class"]))
+
+
+def merge_trajectory(documents: list[dict], paths: list[str]) -> dict:
+    """One ``rmed`` report of a trajectory from several ``rmed`` reports of the same audit at different steps
+    (the per-step files ``GeometryCallback`` writes, or ``rmed`` run on single checkpoints): their checkpoints
+    sorted by step, under the header of the earliest. The reports must agree on the settings, the batch (data
+    fingerprint) and the model class, and each step may appear once; otherwise an ``InputError``."""
+    from ..errors import InputError
+
+    seen: dict[int, str] = {}
+    for document, path in zip(documents, paths):
+        if document["command"] != "rmed" or not document.get("checkpoints"):
+            raise InputError(f"{path} is a {document['command']} report: only rmed reports (one per step, as "
+                             f"GeometryCallback writes them) merge into one trajectory")
+        for what, key in MERGED_MUST_AGREE:
+            if key(document) != key(documents[0]):
+                raise InputError(f"{path} and {paths[0]} are not reports of one audit: their {what} differ")
+        for checkpoint in document["checkpoints"]:
+            step = checkpoint["step"]
+            if step is None:
+                raise InputError(f"{path} holds a checkpoint without a step: reports merge only by step")
+            if step in seen:
+                raise InputError(f"{seen[step]} and {path} both hold step {step}")
+            seen[step] = path
+    ordered = sorted(zip(documents, paths), key=lambda dp: min(c["step"] for c in dp[0]["checkpoints"]))
+    merged = dict(ordered[0][0])
+    merged["checkpoints"] = sorted((c for d in documents for c in d["checkpoints"]), key=lambda c: c["step"])
+    if any("trajectories" in d for d in documents):
+        merged["trajectories"] = [t for d, _ in ordered for t in d.get("trajectories", [])]
+    return merged
