@@ -14,16 +14,19 @@ from .cache import CacheEntry, checkpoint_digest
 from .distributed import ShardedEngine, join
 from .engine.audit import audit_checkpoint, audit_gradient, audit_loss, select_layers
 from .engine.hdiag import DiagonalEngine
+from .engine.roundoff import TOP as CHECKED_TOP
 from .engine.stats import alignment_stats, saturated
 from .errors import InputError, UsageError
 from .io.checkpoints import LoadedModel, load_checkpoint
 from .io.data import AuditBatch, TextRecords, build_batch, embedded_corpus, has_labels, read_records
 from .io.optimizer import adam_state, adaptive_step
 from .io.trajectory import CheckpointRef, discover, expand_runs
+from .progress import Plan, PlannedLayer
 from .report.document import report_document
 from .results import CheckpointResult, json_number
 from .runtime import check_seed, resolve_device, set_precision
 
+CHECKED = CHECKED_TOP + 1  # entries per layer the round-off check recomputes at most: the top ones and the median
 EMBEDDED_SOURCE = "embedded corpus (pydoc_data.topics)"
 LOSS_SOURCES = ("audit", "trainer_state")
 
@@ -77,15 +80,30 @@ class AuditConfig:
 
 @dataclass
 class Progress:
-    """Callbacks a front end passes in to show progress; every one is optional."""
+    """Callbacks a front end passes in to show progress; every one is optional.
+
+    ``on_plan(plan)`` comes before an audit's first Hessian (``None`` when the audit is over),
+    ``on_checkpoint(position, count)`` as each planned checkpoint starts, then ``on_layer`` and ``on_chunk`` as
+    ``engine.audit.audit_checkpoint`` describes them.
+    """
 
     on_status: Callable[[str], None] | None = None
     on_layer: Callable[[int, int, str, int], None] | None = None
     on_chunk: Callable[[int], None] | None = None
+    on_plan: Callable[[Plan | None], None] | None = None
+    on_checkpoint: Callable[[int, int], None] | None = None
 
     def status(self, message: str) -> None:
         if self.on_status:
             self.on_status(message)
+
+    def plan(self, plan: Plan | None) -> None:
+        if self.on_plan:
+            self.on_plan(plan)
+
+    def checkpoint(self, position: int, count: int) -> None:
+        if self.on_checkpoint:
+            self.on_checkpoint(position, count)
 
 
 MAX_NEW_LABELS = 100_000
@@ -124,13 +142,18 @@ class Auditor:
         self.model_info: dict | None = None
         self._loaded: tuple[Path, LoadedModel, list] | None = None
         self._digests: dict[Path, str] = {}
+        self._announced: set[Path] = set()
 
-    def _load(self, path: Path) -> tuple[LoadedModel, list]:
-        """The checkpoint at ``path`` on the audit device, with its micro-batches (the last one is kept)."""
+    def _load(self, path: Path, probe: bool = True) -> tuple[LoadedModel, list]:
+        """The checkpoint at ``path`` on the audit device, with its micro-batches (the last one is kept). Its
+        ``loading`` line is printed once, also when it is loaded again (compare: for its loss, then its audit).
+        ``probe=False`` skips the forward pass that checks an fp64 audit's precision (``--dry-run``)."""
         if self._loaded and self._loaded[0] == path:
             return self._loaded[1], self._loaded[2]
         c, records = self.config, self.records
-        self.progress.status(f"loading {path}")
+        if path not in self._announced:
+            self._announced.add(path)
+            self.progress.status(f"loading {path}")
         labelled = records is not None and has_labels(records)
         loaded = load_checkpoint(path, task=c.task, has_labels=labelled, num_labels=_label_count(records),
                                  factory=c.model, loss=c.loss, allow_pickle=c.allow_pickle, seed=c.seed,
@@ -147,13 +170,31 @@ class Auditor:
             self.model_info = loaded.describe()
         loaded.model.to(device=self.device, dtype=self.dtype)
         micro = self.batch.micro_batches(loaded, c.micro_batch or self.batch.examples, self.device, self.dtype)
-        if self.dtype == torch.float64 and self.model_info.get("float32_modules") is None:
+        if probe and self.dtype == torch.float64 and self.model_info.get("float32_modules") is None:
             lowered = self.model_info["float32_modules"] = loaded.check_precision(micro[0].tensors)
             if lowered:
                 self.progress.status(f"warning: {len(lowered)} module(s) computed below float64 in this fp64 audit, "
                                      f"so its numbers are only float32-accurate: {', '.join(lowered)}")
         self._loaded = (path, loaded, micro)
         return loaded, micro
+
+    def plan(self, refs: list[CheckpointRef], hessian: bool = True, note: str | None = None,
+             probe: bool = True) -> Plan:
+        """The work of auditing ``refs``: their layers (from the first checkpoint: one architecture) with the
+        coordinates each samples and the HVPs those take (every column of a dense ``--smed`` block)."""
+        c = self.config
+        loaded, micro = self._load(refs[0].path, probe=probe)
+        params = dict(loaded.model.named_parameters())
+        names = select_layers(loaded.model, c.layers)
+        if not hessian:
+            names = [n for n in names if params[n].ndim >= 2]
+        layers = []
+        for name in names:
+            numel, coords = params[name].numel(), min(c.coords, params[name].numel())
+            columns = numel if c.geometry and numel <= c.dense_max else coords
+            layers.append(PlannedLayer(name, tuple(params[name].shape), coords, columns * len(micro),
+                                       min(CHECKED, coords) * len(micro)))
+        return Plan(tuple(str(r.path) for r in refs), tuple(layers), len(micro), hessian=hessian, note=note)
 
     def _cache(self, path: Path) -> CacheEntry:
         c = self.config
@@ -227,16 +268,33 @@ class Auditor:
         return document
 
 
-def run_rmed(config: AuditConfig, progress: Progress | None = None) -> dict:
-    """Audit one checkpoint, or every picked checkpoint of a trajectory on the same batch (SPEC §4)."""
+def _rmed_setup(config: AuditConfig, progress: Progress | None, dry_run: bool):
     config.validate()
     trajectory = discover(config.checkpoint, config.steps, config.every)
     check_alignment(config, trajectory.checkpoints)
     auditor = Auditor(config, progress)
+    plan = auditor.plan(list(trajectory.checkpoints), probe=not dry_run)
+    auditor.progress.status(plan.line())
+    return trajectory, auditor, plan
+
+
+def plan_rmed(config: AuditConfig, progress: Progress | None = None) -> Plan:
+    """What ``run_rmed`` would compute (``--dry-run``): loads the first checkpoint and builds the audit batch to
+    resolve the layers and micro-batches; no forward or backward pass, no cache read or written."""
+    return _rmed_setup(config, progress, dry_run=True)[2]
+
+
+def run_rmed(config: AuditConfig, progress: Progress | None = None) -> dict:
+    """Audit one checkpoint, or every picked checkpoint of a trajectory on the same batch (SPEC §4)."""
+    trajectory, auditor, plan = _rmed_setup(config, progress, dry_run=False)
     results = []
-    for n, ref in enumerate(trajectory.checkpoints, 1):
-        auditor.progress.status(f"checkpoint {n}/{len(trajectory.checkpoints)}: {ref.path}")
-        results.append(auditor.audit(ref, str(trajectory.root)))
+    auditor.progress.plan(plan)
+    try:
+        for n, ref in enumerate(trajectory.checkpoints, 1):
+            auditor.progress.checkpoint(n, len(trajectory.checkpoints))
+            results.append(auditor.audit(ref, str(trajectory.root)))
+    finally:
+        auditor.progress.plan(None)
     return auditor.document("rmed", results, {"trajectories": [trajectory.describe()]})
 
 
@@ -316,9 +374,10 @@ def _point(point) -> dict:
     return {"run": point.run, "step": point.step, "loss": point.loss}
 
 
-def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress | None = None) -> dict:
-    """Pair the checkpoints of runs A and B by step or by loss, audit the paired ones on one batch, compare."""
-    from .compare import Point, compare_layers, pair_by_loss, pair_by_step, summarize
+def _compare_setup(config: AuditConfig, compare: CompareConfig, progress: Progress | None, dry_run: bool):
+    """The runs of both sides, their losses (``None`` in a dry run that would need audit losses), the pairings
+    and the plan of the checkpoints they audit."""
+    from .compare import Point, pair_by_loss, pair_by_step
 
     config.validate()
     compare.validate(config)
@@ -329,13 +388,43 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
     auditor = Auditor(config, progress)
     refs = {(str(t.root), ref.step): ref for runs in sides.values() for t in runs for ref in t.checkpoints}
     check_alignment(config, refs.values())
-    curves = {side: [[Point(str(t.root), ref.step, auditor.loss(ref), {}) for ref in t.checkpoints] for t in runs]
+    unknown = dry_run and compare.match_loss and config.loss_from == "audit"  # pairing needs what a dry run skips
+
+    def loss(ref: CheckpointRef) -> float:
+        return math.nan if dry_run and config.loss_from == "audit" else auditor.loss(ref)
+
+    curves = {side: [[Point(str(t.root), ref.step, loss(ref), {}) for ref in t.checkpoints] for t in runs]
               for side, runs in sides.items()}
     try:
-        pairings = (pair_by_loss(curves["a"], curves["b"], compare.levels, compare.tolerance) if compare.match_loss
-                    else pair_by_step(curves["a"], curves["b"]))
+        pairings = ([] if unknown else pair_by_loss(curves["a"], curves["b"], compare.levels, compare.tolerance)
+                    if compare.match_loss else pair_by_step(curves["a"], curves["b"]))
     except ValueError as err:
         raise InputError(str(err)) from err
+    keys = list(refs) if unknown else list(dict.fromkeys(
+        (p.run, p.step) for pairing in pairings if pairing.refused is None for p in (*pairing.a, *pairing.b)))
+    note = ("at most: which checkpoints --match-loss pairs depends on their audit losses, which a dry run does not "
+            "compute" if unknown else None)
+    if not keys:
+        raise InputError("no pair of checkpoints was within the loss tolerance: nothing was compared "
+                         f"({'; '.join(p.refused for p in pairings)})")
+    plan = auditor.plan([refs[k] for k in keys], hessian=compare.metric not in SVD_METRICS, note=note,
+                        probe=not dry_run)
+    auditor.progress.status(plan.line())
+    return sides, auditor, refs, curves, pairings, plan
+
+
+def plan_compare(config: AuditConfig, compare: CompareConfig, progress: Progress | None = None) -> Plan:
+    """What ``run_compare`` would compute (``--dry-run``): the runs and their pairing (by step, or by the losses
+    of trainer_state.json), the first checkpoint loaded and the audit batch built to resolve the layers; no loss,
+    no Hessian, no cache read or written."""
+    return _compare_setup(config, compare, progress, dry_run=True)[-1]
+
+
+def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress | None = None) -> dict:
+    """Pair the checkpoints of runs A and B by step or by loss, audit the paired ones on one batch, compare."""
+    from .compare import Point, compare_layers, summarize
+
+    sides, auditor, refs, curves, pairings, plan = _compare_setup(config, compare, progress, dry_run=False)
     audited: dict[tuple, CheckpointResult] = {}
 
     spectra: dict[tuple, dict] = {}
@@ -347,7 +436,9 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
                 spectra[key] = _low_rank_values(auditor, refs[key], compare)
             return replace(point, values=spectra[key])
         if key not in audited:
-            auditor.progress.status(f"auditing {refs[key].path}")
+            position = len(audited) + 1
+            auditor.progress.status(f"auditing {refs[key].path} (checkpoint {position} of {len(plan.checkpoints)})")
+            auditor.progress.checkpoint(position, len(plan.checkpoints))
             audited[key] = auditor.audit(refs[key], point.run)
         layers = audited[key].layers
         stab = compare.metric == "r_med_stab"
@@ -363,26 +454,29 @@ def run_compare(config: AuditConfig, compare: CompareConfig, progress: Progress 
                        bounds=bounds(compare.metric), fallback_bounds=bounds("r_med") if stab else {})
 
     pairs = []
-    for pairing in pairings:
-        entry = {"label": pairing.label, "step": pairing.step, "level": pairing.level, "refused": pairing.refused,
-                 "a": [_point(p) for p in pairing.a], "b": [_point(p) for p in pairing.b], "layers": [],
-                 "left_out": [], "summary": None}
-        if pairing.refused is None:
-            full = replace(pairing, a=tuple(map(with_values, pairing.a)), b=tuple(map(with_values, pairing.b)))
-            rows, entry["left_out"] = compare_layers(full, compare.reference, compare.paired)
-            entry["layers"] = [_row(r) for r in rows]
-            ratios = [r.ratios for r in rows] if compare.paired else [r.ratio for r in rows]
-            entry["summary"] = summarize(np.array(ratios).T, seed=config.seed) | {
-                f"layers_clearly_{side}_1": sum(r.apart == side for r in rows) for side in ("above", "below")}
-        pairs.append(entry)
-    if not audited and not spectra:
-        raise InputError("no pair of checkpoints was within the loss tolerance: nothing was compared "
-                         f"({'; '.join(p['refused'] for p in pairs)})")
+    auditor.progress.plan(plan)
+    try:
+        for pairing in pairings:
+            entry = {"label": pairing.label, "step": pairing.step, "level": pairing.level,
+                     "refused": pairing.refused, "a": [_point(p) for p in pairing.a],
+                     "b": [_point(p) for p in pairing.b], "layers": [], "left_out": [], "summary": None}
+            if pairing.refused is None:
+                full = replace(pairing, a=tuple(map(with_values, pairing.a)), b=tuple(map(with_values, pairing.b)))
+                rows, entry["left_out"] = compare_layers(full, compare.reference, compare.paired)
+                entry["layers"] = [_row(r) for r in rows]
+                ratios = [r.ratios for r in rows] if compare.paired else [r.ratio for r in rows]
+                entry["summary"] = summarize(np.array(ratios).T, seed=config.seed) | {
+                    f"layers_clearly_{side}_1": sum(r.apart == side for r in rows) for side in ("above", "below")}
+            pairs.append(entry)
+    finally:
+        auditor.progress.plan(None)
     direction = "B/A" if compare.reference == "a" else "A/B"
     extra = {"trajectories": [t.describe() for runs in sides.values() for t in runs],
              "compare": compare.settings() | {"mode": "loss" if compare.match_loss else "step",
                                               "direction": direction, "loss_source": config.loss_from,
                                               "runs": {side: [str(t.root) for t in runs]
                                                        for side, runs in sides.items()},
-                                              "pairs": pairs}}
+                                              "pairs": pairs,
+                                              "losses": [_point(p) for side in ("a", "b") for run in curves[side]
+                                                         for p in run]}}
     return auditor.document("compare", list(audited.values()), extra)

@@ -202,26 +202,116 @@ def print_tables(grids: list, format: str = "table") -> None:
     to_stdout(lambda out: write(grids, out, format, terminal_width(out)))
 
 
+def dry_run_tables(plan, format: str | None) -> None:
+    """``--dry-run``: the plan's tables to stdout; nothing was computed and no report is written."""
+    print_tables(plan.grids(), format or "table")
+    stderr.print("dry run: no loss or Hessian computed, no report written", markup=False, highlight=False,
+                 soft_wrap=True)
+
+
+PROGRESS_INTERVAL_ENV = "GEOMAUDIT_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL = 5.0
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines when stderr is not a terminal: ``$GEOMAUDIT_PROGRESS_INTERVAL``, else 5."""
+    import math
+    import os
+
+    from ..errors import UsageError
+
+    text = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
+    if not text:
+        return DEFAULT_PROGRESS_INTERVAL
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UsageError(f"{PROGRESS_INTERVAL_ENV} is the number of seconds between progress lines, at least 0, "
+                         f"got {text!r}")
+    return seconds
+
+
 class progress_bars:
-    """Rich progress on stderr: a bar over the layers and one over the current layer's coordinates."""
+    """Progress on stderr. Before an audit, its plan line (``pipeline``); once a tenth of it has run, an
+    estimate of the total time. On a terminal, rich bars: the whole audit in HVPs with the time left, the
+    checkpoint's layers, the current layer. Elsewhere (CI, SLURM, a pipe), where bars would vanish, a plain
+    ``Tracker.line`` at most every ``progress_interval()`` seconds, as work completes."""
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         from ..pipeline import Progress as Callbacks
+        from ..progress import Tracker
 
+        self.interval = progress_interval()
+        self.tracker, self.live = Tracker(), stderr.is_terminal
+        self.last, self.estimated = self.tracker.now(), False
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=stderr, transient=True, disable=not stderr.is_terminal)  # else a blank line
+                            TimeRemainingColumn(), console=stderr, transient=True, disable=not self.live)
         self.bar.start()
+        self.whole = self.bar.add_task("", total=None, visible=False)
         self.layers = self.bar.add_task("layers", total=None)
         self.coords = self.bar.add_task("", total=None, visible=False)
+        return Callbacks(on_status=self._print, on_layer=self._on_layer, on_chunk=self._on_chunk,
+                         on_plan=self._on_plan, on_checkpoint=self._on_checkpoint)
 
-        def on_layer(position: int, count: int, name: str, work: int) -> None:
-            self.bar.update(self.layers, total=count, completed=position - 1)
-            self.bar.reset(self.coords, total=work, description=f"  {name}", visible=True)
+    def _print(self, message: str) -> None:
+        stderr.print(message, markup=False, highlight=False, soft_wrap=True)
 
-        return Callbacks(on_status=lambda msg: stderr.print(msg, markup=False, highlight=False, soft_wrap=True),
-                         on_layer=on_layer, on_chunk=lambda n: self.bar.advance(self.coords, n))
+    def _on_plan(self, plan) -> None:
+        self.tracker.finish()
+        self.tracker.start(plan)
+        self.last, self.estimated = self.tracker.now(), False
+        if plan is None:
+            self.bar.update(self.whole, visible=False)
+        else:
+            self.bar.reset(self.whole, total=plan.hvps, description="audit", visible=plan.hessian)
+
+    def _on_checkpoint(self, position: int, count: int) -> None:
+        self.tracker.on_checkpoint(position, count)
+        self.bar.update(self.whole, description=f"checkpoint {position} of {count}")
+        self._estimate()
+
+    def _on_layer(self, position: int, count: int, name: str, work: int) -> None:
+        self.tracker.on_layer(position, count, name, work)
+        self.bar.update(self.layers, total=count, completed=position - 1)
+        self.bar.reset(self.coords, total=work, description=f"  {name}", visible=True)
+        self._whole()
+        self._estimate()
+        self._line()
+
+    def _on_chunk(self, n: int) -> None:
+        self.tracker.on_chunk(n)
+        self.bar.advance(self.coords, n)
+        self._whole()
+        self._line()
+
+    def _whole(self) -> None:
+        t = self.tracker
+        self.bar.update(self.whole, total=max(t.total, t.done), completed=t.done)
+
+    def _estimate(self) -> None:
+        """The estimated total time, once per audit, at the first layer boundary after a tenth of its work (the
+        first layers' rate alone misleads: the embedding's HVPs run through the whole network), while work is
+        left. The bars and the progress lines show the time left from the first HVP on."""
+        t = self.tracker
+        if self.estimated or t.plan is None or t.layer_done or not 0 < 10 * t.done >= t.total > t.done:
+            return
+        text = t.estimate()
+        if text:
+            self.estimated = True
+            self._print(text)
+
+    def _line(self) -> None:
+        if self.live:
+            return
+        now = self.tracker.now()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print(self.tracker.line())
 
     def __exit__(self, *exc):
         self.bar.stop()

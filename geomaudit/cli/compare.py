@@ -6,8 +6,8 @@ from typing import Annotated
 import typer
 
 from . import options as o
-from .common import (Command, FormatOption, JsonOption, TableOption, app, check_json_target, check_tables, emit,
-                     handle_errors, progress_bars, ranks)
+from .common import (Command, FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
+                     dry_run_tables, emit, handle_errors, progress_bars, ranks)
 
 DEFAULT_TOLERANCE = 0.02
 DEFAULT_ENERGY = 0.9
@@ -88,6 +88,7 @@ def compare(
     table: TableOption = False,
     cache_dir: o.CacheDir = None,
     no_cache: o.NoCache = False,
+    dry_run: o.DryRun = False,
     debug: o.Debug = False,
     version: o.Version = False,
     fail_if_ratio_below: Annotated[float | None, typer.Option(metavar="X", rich_help_panel=o.GATES,
@@ -117,6 +118,14 @@ def compare(
                              levels=o.parse_numbers(levels, "--levels", float), reference=reference.value,
                              metric=metric.value, rank=rank, energy=DEFAULT_ENERGY if energy is None else energy,
                              paired=paired)
+        if dry_run:
+            from ..pipeline import plan_compare
+
+            with ranks() as speaks, progress_bars() as progress:
+                plan = plan_compare(config, spec, progress)
+            if speaks:
+                dry_run_tables(plan, format and format.value)
+            return
         with ranks() as speaks, progress_bars() as progress:
             document = run_compare(config, spec, progress)
         if speaks:

@@ -129,6 +129,11 @@ DenseMax = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=STATI
                                                    "Hessian block, larger ones the submatrix of the sampled "
                                                    "coordinates \\[default: 2048].")]
 Debug = Annotated[bool, flag("--debug", panel=OUTPUT, help="Show the full traceback of an error.")]
+DryRun = Annotated[bool, flag("--dry-run", panel=OUTPUT,
+                              help="Print the plan (checkpoints, layers, coordinates, HVPs) and exit without "
+                                   "auditing: loads only the first checkpoint to audit and builds the audit batch, "
+                                   "to resolve layers and micro-batches; computes no loss and no Hessian, reads "
+                                   "and writes no cache, writes no report.")]
 
 
 def _version(value: bool) -> None:

@@ -5,8 +5,8 @@ from typing import Annotated
 import typer
 
 from . import options as o
-from .common import (Command, FormatOption, JsonOption, TableOption, app, check_json_target, check_tables, emit,
-                     handle_errors, progress_bars, ranks, stderr)
+from .common import (Command, FormatOption, JsonOption, TableOption, app, check_json_target, check_tables,
+                     dry_run_tables, emit, handle_errors, progress_bars, ranks, stderr)
 
 
 @app.command(cls=Command)
@@ -43,6 +43,7 @@ def rmed(
     table: TableOption = False,
     cache_dir: o.CacheDir = None,
     no_cache: o.NoCache = False,
+    dry_run: o.DryRun = False,
     debug: o.Debug = False,
     version: o.Version = False,
     fail_above: Annotated[float | None, typer.Option(metavar="R", rich_help_panel=o.GATES,
@@ -65,9 +66,15 @@ def rmed(
         gate_metric = o.gate_metric(metric, fail_above is not None or fail_if_increase is not None)
         gates.check_metric(gate_metric, config)
         earlier = _baseline(baseline, fail_if_increase, config, gate_metric)
-        from ..pipeline import run_rmed
+        from ..pipeline import plan_rmed, run_rmed
         from ..report.tables import rmed_tables
 
+        if dry_run:
+            with ranks() as speaks, progress_bars() as progress:
+                plan = plan_rmed(config, progress)
+            if speaks:
+                dry_run_tables(plan, format and format.value)
+            return
         with ranks() as speaks, progress_bars() as progress:
             document = run_rmed(config, progress)
         if document["model"]["initialised"]:

@@ -89,9 +89,11 @@ def run_svd(checkpoint: str, settings: dict, allow_pickle: bool, progress) -> di
     from ..io.checkpoints import load_checkpoint
     from ..io.trajectory import discover
 
+    from ..progress import Plan, PlannedLayer
+
     trajectory = discover(checkpoint, settings["steps"], settings["every"])
     model_info, results = None, []
-    for ref in trajectory.checkpoints:
+    for position, ref in enumerate(trajectory.checkpoints, 1):
         progress.status(f"loading {ref.path}")
         # has_labels: a headless Hugging Face model loads with a seeded head, left out below
         loaded = load_checkpoint(ref.path, has_labels=True, factory=settings["model"], allow_pickle=allow_pickle,
@@ -103,11 +105,18 @@ def run_svd(checkpoint: str, settings: dict, allow_pickle: bool, progress) -> di
         if not matrices:
             raise UsageError("the selected layers hold no tensor with 2 or more dimensions: svd needs weight "
                              "matrices, not biases or norms")
+        if position == 1:  # one architecture: the first checkpoint's weights are every checkpoint's
+            plan = Plan(tuple(str(r.path) for r in trajectory.checkpoints),
+                        tuple(PlannedLayer(n, tuple(params[n].shape), 0, 0) for n in matrices), 0, hessian=False)
+            progress.status(plan.line())
+            progress.plan(plan)
+        progress.checkpoint(position, len(trajectory.checkpoints))
         layers = model_spectra(loaded.model, matrices, rank=settings["rank"],
                                energy=settings["energy"] or DEFAULT_ENERGY, top=TOP, exact_max=EXACT_MAX,
                                on_layer=lambda i, n, name: progress.on_layer(i, n, name, 1))
         results.append({"path": str(ref.path), "step": ref.step, "skipped_1d": len(names) - len(matrices),
                         "layers": [_json_layer(layer) for layer in layers]})
+    progress.plan(None)
     return svd_document(settings, model_info, results, trajectory.describe())
 
 

@@ -2,8 +2,8 @@
 
 - ``rmed`` over a trajectory: the metric of every layer against the step (the paper's Figures 1 and 2); one
   checkpoint: the metric per layer as sorted bars.
-- ``compare``: the loss of the paired checkpoints of runs A and B with each pair joined, and the metric of
-  every layer of the reference run against the other run's, one colour per pair (Tables 1–2 as a picture).
+- ``compare``: the loss of every checkpoint of runs A and B with each pair joined, and the metric of every layer
+  of the reference run against the other run's, one colour and marker per pair (Tables 1–2 as a picture).
 - ``svd``: the top singular values σ_i / σ_1 of every weight matrix of the last checkpoint, with R_u (Figure 4).
 
 matplotlib is imported inside :func:`plot_report` and used through its object API with the Agg canvas, so
@@ -66,12 +66,22 @@ def _number(x) -> float:
     return float(x) if x is not None and x > 0 else float("nan")
 
 
+MARKERS = "os^vDP<>Xph*"  # one shape per line: lines at one value (several layers alike) stay told apart
+
+
+def _style(i: int) -> dict:
+    """Line ``i``'s look: its own colour and marker shape, hollow markers and slight transparency, so that a line
+    drawn over another at the same values leaves the one below visible."""
+    return dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], ms=(7, 5.5, 4)[i % 3], mfc="none",
+                alpha=0.8, ls="-" if i < 10 else "--")
+
+
 def _lines(ax, x, series: dict[str, np.ndarray], score: dict[str, float], label) -> None:
     """A line per layer; beyond MAX_LINES layers, the median over layers with its interquartile band and the
     EXTREME layers of highest ``score``, which the legend says."""
     if len(series) <= MAX_LINES:
         for i, (name, y) in enumerate(series.items()):
-            ax.plot(x, y, marker="o", ms=3, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=label(name))
+            ax.plot(x, y, label=label(name), **_style(i))
         return
     values = np.array(list(series.values()))
     ax.fill_between(x, *np.nanpercentile(values, [25, 75], axis=0), color="0.8",
@@ -79,7 +89,7 @@ def _lines(ax, x, series: dict[str, np.ndarray], score: dict[str, float], label)
     ax.plot(x, np.nanmedian(values, axis=0), color="k", lw=2, label=f"median of {len(series)} layers")
     ranked = sorted(series, key=lambda n: np.nan_to_num(score[n], nan=-np.inf), reverse=True)
     for i, name in enumerate(ranked[:EXTREME]):
-        ax.plot(x, series[name], marker="o", ms=3, color=f"C{i}", label=label(name))
+        ax.plot(x, series[name], label=label(name), **_style(i))
 
 
 def _legend(ax, title: str | None = None) -> None:
@@ -135,8 +145,9 @@ def _bars(Figure, checkpoint: dict, stats: dict, metric: str, label, where: str)
 
 
 def _compare_figure(Figure, document: dict):
-    """Top: the loss of every paired checkpoint against its step, runs A and B, each pair joined by a dashed
-    line. Bottom: per layer, the metric of the other run against the reference run's, one colour per pair."""
+    """Top: the loss of every checkpoint whose loss was computed against its step, runs A and B (older reports:
+    the paired ones), each pair ringed and joined by a dashed line. Bottom: per layer, the metric of the other run
+    against the reference run's, one colour and marker shape per pair."""
     spec = document["compare"]
     metric, direction = spec["metric"], spec["direction"]
     fig = Figure(figsize=TALL, dpi=DPI, layout="constrained")
@@ -144,6 +155,7 @@ def _compare_figure(Figure, document: dict):
     runs = {side: _runs(spec["runs"][side]) for side in ("a", "b")}
     for side, color, marker in (("a", "C0", "o"), ("b", "C1", "s")):
         points = {(p["run"], p["step"], p["loss"]) for pair in spec["pairs"] for p in pair[side]}
+        points |= {(p["run"], p["step"], p["loss"]) for p in spec.get("losses", ()) if p["run"] in spec["runs"][side]}
         for i, run in enumerate(spec["runs"][side]):
             curve = sorted((s, loss) for r, s, loss in points if r == run)
             if curve:
@@ -160,12 +172,14 @@ def _compare_figure(Figure, document: dict):
         rows = [(_number(r[f"{reference}_mean"]), _number(r[f"{other}_mean"])) for r in pair["layers"]]
         s = pair["summary"]
         if rows:
-            bottom.scatter(*zip(*rows), color=color, alpha=0.8, label=pair["label"] + (
+            bottom.scatter(*zip(*rows), color=color, alpha=0.7, marker=MARKERS[i % len(MARKERS)],
+                           label=pair["label"] + (
                 f": geometric-mean {direction} {_fmt(s['geo_mean'])}, {s['frac_above_1']:.0%} of {s['n_layers']} "
                 "layers > 1" if s["n_layers"] else ": no ratio defined"))
     fig.suptitle(f"A = {runs['a']}; B = {runs['b']}")
     top.set(xlabel="step", ylabel=f"loss ({spec['loss_source']})",
-            title=f"loss of the checkpoints paired at {'equal loss' if spec['mode'] == 'loss' else 'equal step'}")
+            title=f"loss of every checkpoint, the pairs at {'equal loss' if spec['mode'] == 'loss' else 'equal step'} "
+                  "ringed")
     top.xaxis.get_major_locator().set_params(integer=True)
     _legend(top)
     if bottom.collections:

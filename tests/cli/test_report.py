@@ -57,6 +57,22 @@ def test_plot_writes_a_png_of_the_expected_size(reports, kind, pixels, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary file was renamed, nothing left
 
 
+def test_compare_plot_draws_the_loss_of_every_checkpoint_not_only_the_paired_ones(reports, loss_runs):
+    from matplotlib.figure import Figure
+
+    from geomaudit.report.plots import _compare_figure
+
+    document = json.loads(open(reports["compare"][0]).read())
+    losses = document["compare"]["losses"]
+    assert sorted((p["run"], p["step"]) for p in losses) == sorted(
+        (str(run), int(c.name.split("-")[1])) for run in loss_runs for c in run.glob("checkpoint-*"))
+    paired = {(p["run"], p["step"]) for pair in document["compare"]["pairs"] for side in "ab" for p in pair[side]}
+    assert len(paired) < len(losses)
+    top = _compare_figure(Figure, document).axes[0]
+    drawn = {(line.get_label(), x, y) for line in top.lines[:2] for x, y in zip(*line.get_data())}
+    assert drawn == {(f"run {'A' if p['run'] == str(loss_runs[0]) else 'B'}", p["step"], p["loss"]) for p in losses}
+
+
 def test_plot_metric_is_a_statistic_of_an_rmed_report(reports, tmp_path):
     out = str(tmp_path / "r.png")
     run("report", reports["rmed-run"][0], "--plot", out, "--metric", "r_topk")

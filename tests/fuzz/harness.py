@@ -22,7 +22,7 @@ MEMORY_BOUND_MIB = 3 * 1024
 TIMEOUT_S = 60
 INPUT_CODES = frozenset({0, 2, 3})
 STATUS_PREFIXES = ("loading ", "checkpoint ", "note: ", "auditing ", "ignoring a corrupt cache entry", "wrote ",
-                   "audit batch: ")
+                   "audit batch: ", "plan: ", "estimate: ", "audited ", "dry run: ")
 MARKER = "EXECUTED"  # a file whose name starts with this, anywhere in the work folder: a checkpoint's code ran
 
 
