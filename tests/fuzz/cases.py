@@ -711,7 +711,7 @@ def output_case(b: Builder) -> Case:
         args += ["--json", str(b.out)]
     elif to == "file":
         args += ["--plot", str(b.dir / "out.png")]
-    fsize = 256 if fault == "fsize" else None
+    fsize = 2048 if fault == "fsize" else None  # below any report or PNG written, above the status lines on stderr
     writes_file = to == "file"
     expect = frozenset({5}) if (fault == "fsize") == writes_file else frozenset({0})
     mode = "file" if fault == "fsize" else fault
