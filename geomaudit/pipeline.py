@@ -13,6 +13,7 @@ import torch
 from .cache import CacheEntry, checkpoint_digest
 from .distributed import ShardedEngine, join
 from .engine.audit import audit_checkpoint, audit_gradient, audit_loss, select_layers
+from .engine.fused import fused_blocks
 from .engine.hdiag import DiagonalEngine
 from .engine.roundoff import TOP as CHECKED_TOP
 from .engine.stats import alignment_stats, saturated
@@ -62,6 +63,7 @@ class AuditConfig:
     alignment: bool = False
     merge: bool = False
     ci: bool = False  # show the per-layer R_med interval as a table column (it is in the JSON either way)
+    split_fused: bool = False  # audit fused q/k/v parameters as their q, k and v blocks (``engine.fused``)
 
     def validate(self) -> None:
         for name in ("coords", "topk", "batch_size", "micro_batch", "max_length", "chunk_size", "dense_max"):
@@ -71,6 +73,9 @@ class AuditConfig:
         check_seed(self.seed)
         if (self.slq or self.across) and not self.geometry:
             raise UsageError(f"{'--slq' if self.slq else '--across'} works on the Hessian columns: it needs --smed")
+        if self.split_fused and self.geometry:
+            raise UsageError("--split-fused does not combine with --smed yet: S_med and r_diag are taken over whole "
+                             "parameter tensors")
         if self.loss_from not in LOSS_SOURCES:
             raise UsageError(f"--loss-from must be one of {', '.join(LOSS_SOURCES)}, got {self.loss_from!r}")
 
@@ -143,6 +148,7 @@ class Auditor:
         self._loaded: tuple[Path, LoadedModel, list] | None = None
         self._digests: dict[Path, str] = {}
         self._announced: set[Path] = set()
+        self._noted = False  # the --split-fused notes are said once
 
     def _load(self, path: Path, probe: bool = True) -> tuple[LoadedModel, list]:
         """The checkpoint at ``path`` on the audit device, with its micro-batches (the last one is kept). Its
@@ -185,15 +191,16 @@ class Auditor:
         c = self.config
         loaded, micro = self._load(refs[0].path, probe=probe)
         params = dict(loaded.model.named_parameters())
-        names = select_layers(loaded.model, c.layers)
+        names, blocks = self._layers(loaded) if hessian else (select_layers(loaded.model, c.layers), {})
         if not hessian:
             names = [n for n in names if params[n].ndim >= 2]
         layers = []
         for name in names:
-            numel, coords = params[name].numel(), min(c.coords, params[name].numel())
+            shape = blocks[name].shape if name in blocks else tuple(params[name].shape)
+            numel = int(np.prod(shape, dtype=np.int64))
+            coords = min(c.coords, numel)
             columns = numel if c.geometry and numel <= c.dense_max else coords
-            layers.append(PlannedLayer(name, tuple(params[name].shape), coords, columns * len(micro),
-                                       min(CHECKED, coords) * len(micro)))
+            layers.append(PlannedLayer(name, shape, coords, columns * len(micro), min(CHECKED, coords) * len(micro)))
         return Plan(tuple(str(r.path) for r in refs), tuple(layers), len(micro), hessian=hessian, note=note)
 
     def _cache(self, path: Path) -> CacheEntry:
@@ -203,7 +210,7 @@ class Auditor:
         key = {"checkpoint": self._digests[path], "data": self.batch.fingerprint, "coords": c.coords,
                "seed": c.seed, "precision": c.precision, "task": c.task, "micro_batch": c.micro_batch,
                "model": c.model, "loss": c.loss, "geometry": c.geometry, "dense_max": c.dense_max, "slq": c.slq,
-               "merge": c.merge}
+               "merge": c.merge, "split_fused": c.split_fused}
         owner = self.group is None or self.group.rank == 0  # rank 0 alone reads and writes the cache
         entry = CacheEntry(Path(c.cache_dir) if c.cache_dir and owner else None, key)
         if entry.corrupt:
@@ -231,8 +238,9 @@ class Auditor:
         if self.group is not None:  # every rank audits what rank 0 found missing from its cache, at its loss
             loss, cached = self.group.broadcast((loss, cached))
         c = self.config
+        layers, blocks = self._layers(loaded)
         result = audit_checkpoint(
-            loaded.model, loaded.loss_fn, micro, select_layers(loaded.model, c.layers), coords=c.coords,
+            loaded.model, loaded.loss_fn, micro, layers, blocks=blocks, coords=c.coords,
             seed=c.seed, topk=c.topk, chunk_size=c.chunk_size, path=str(ref.path), step=ref.step, loss=loss,
             geometry=c.geometry, dense_max=c.dense_max, slq=c.slq,
             across=select_layers(loaded.model, c.across) if c.across else (),
@@ -244,18 +252,37 @@ class Auditor:
             result = replace(result, layers=self._aligned(ref, loaded, micro, result.layers))
         return replace(result, run=run, logged_loss=ref.logged_loss)
 
+    def _layers(self, loaded: LoadedModel) -> tuple[list[str], dict]:
+        """The audited layers' names and the fused blocks among them; with ``split_fused``, notes (once) on fused
+        parameters that are not split and on a selection that holds none that is."""
+        if not self.config.split_fused:
+            return select_layers(loaded.model, self.config.layers), {}
+        found, uncovered = fused_blocks(loaded.model)
+        layers = select_layers(loaded.model, self.config.layers, found)
+        blocks = {b.name: b for bs in found.values() for b in bs if b.name in layers}
+        if not self._noted:
+            self._noted = True
+            left = [n for n in uncovered if n in layers]
+            if left:
+                self.progress.status(f"note: --split-fused has no layout for {', '.join(left)}: audited whole "
+                                     "(known layouts: geomaudit.engine.fused.FUSED)")
+            if not blocks:
+                self.progress.status("note: --split-fused: no selected layer is a fused q/k/v parameter of a known "
+                                     "layout; nothing is split")
+        return layers, blocks
+
     def _aligned(self, ref: CheckpointRef, loaded: LoadedModel, micro: list, layers: tuple) -> tuple:
         """Each layer with how its gradient and Adam step line up with |H_ii| at the sampled coordinates."""
         moments = adam_state(ref.path, loaded.model)
-        grads = audit_gradient(loaded.model, loaded.loss_fn, micro, [la.name for la in layers])
+        grads = audit_gradient(loaded.model, loaded.loss_fn, micro, list(dict.fromkeys(la.param for la in layers)))
         aligned = []
         for la in layers:
             if la.zero_hessian:  # no order among round-off values to correlate with
                 aligned.append(la)
                 continue
             at = torch.as_tensor(la.indices)
-            g = grads[la.name].reshape(-1)[at.to(grads[la.name].device)].double().cpu().numpy()
-            step = adaptive_step(moments[la.name]).reshape(-1)[at].double().numpy()
+            g = grads[la.param].reshape(-1)[at.to(grads[la.param].device)].double().cpu().numpy()
+            step = adaptive_step(moments[la.param]).reshape(-1)[at].double().numpy()
             aligned.append(replace(la, alignment=alignment_stats(la.h_diag, g, step)))
         return tuple(aligned)
 
@@ -334,6 +361,9 @@ class CompareConfig:
             raise UsageError("--levels applies only with --match-loss")
         check_metric(self.metric, audit)
         extras = [flag for flag, on in (("--smed", audit.geometry), ("--alignment", audit.alignment)) if on]
+        if self.metric in SVD_METRICS and audit.split_fused:
+            raise UsageError(f"--metric {self.metric} compares whole weight matrices: --split-fused applies to the "
+                             "Hessian's statistics")
         if self.metric in SVD_METRICS and extras:
             raise UsageError(f"--metric {self.metric} compares the weights' singular vectors, no Hessian is "
                              f"computed: {' and '.join(extras)} would be ignored")

@@ -29,6 +29,13 @@ class LayerResult:
     h_diag_method: str | None = None  # how h_diag was computed: DiagonalEngine's METHODS ("hvp", "hessian-backprop")
     zero_hessian: bool = False  # the sampled H_ii are zero to round-off (``engine.roundoff``): ratios undefined
     roundoff: dict | None = None  # the recomputation that decided it: dtype, indices, h_diag, changes, median_zero
+    block: str | None = None  # with --split-fused: "q", "k" or "v" of the fused parameter ``of``
+    of: dict | None = None  # that parameter's name and shape; ``indices`` are flat indices into it
+
+    @property
+    def param(self) -> str:
+        """The parameter tensor the H_ii are entries of: the fused one for a block."""
+        return self.of["name"] if self.of else self.name
 
     @property
     def numel(self) -> int:
@@ -50,6 +57,8 @@ class LayerResult:
             "zero_hessian": self.zero_hessian,
             "saturated": saturated(self.stats),
             "roundoff": self.roundoff,
+            "block": self.block,
+            "of": self.of,
             "alignment": None if self.alignment is None else {
                 k: json_number(v) if k.startswith("spearman") else v for k, v in self.alignment.items()},
         }

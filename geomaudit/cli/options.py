@@ -124,6 +124,9 @@ Merge = Annotated[bool, flag("--merge", panel=INPUT,
 Ci = Annotated[bool, flag("--ci", panel=STATISTICS,
                           help="Add a column with each layer's 95% interval for R_med over the choice of "
                                "coordinates (always in the JSON).")]
+SplitFused = Annotated[bool, flag("--split-fused", panel=SAMPLING,
+                                  help="Audit fused q/k/v parameters (GPT-2's c_attn, GPT-NeoX's query_key_value "
+                                       "…) as their q, k and v blocks, named like c_attn.weight:q.")]
 DenseMax = Annotated[int | None, typer.Option(metavar="N", rich_help_panel=STATISTICS,
                                               help="With --smed: layers of at most this many entries get the dense "
                                                    "Hessian block, larger ones the submatrix of the sampled "
@@ -189,7 +192,7 @@ def audit_config(checkpoint: str, options: dict, loss_from: str = "audit"):
         cache_dir=None if o["no_cache"] else str(o["cache_dir"] or default_cache_dir()), geometry=o["smed"],
         dense_max=DEFAULT_DENSE_MAX if o["dense_max"] is None else o["dense_max"], slq=o["slq"],
         across=tuple(o["across"] or ()), alignment=o["alignment"], merge=o["merge"],
-        ci=o.get("ci", False))
+        ci=o.get("ci", False), split_fused=o["split_fused"])
 
 
 def gate_metric(metric: "RmedMetric | None", gated: bool) -> str:

@@ -27,6 +27,7 @@ def rmed(
     every: o.Every = None,
     coords: o.Coords = o.DEFAULT_COORDS,
     layers: o.Layers = None,
+    split_fused: o.SplitFused = False,
     seed: o.Seed = 0,
     topk: o.TopK = 10,
     smed: o.Smed = False,

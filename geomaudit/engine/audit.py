@@ -12,22 +12,27 @@ from torch import nn
 
 from ..errors import InputError, UsageError
 from ..results import CheckpointResult, LayerResult
+from . import fused
+from .fused import Block
 from .hdiag import DiagonalEngine, LossFn, MicroBatch
 from .sampling import sample_indices
 from .roundoff import check_positions, model_dtype, other_dtype, recompute, verdict
 from .stats import diagonal_stats, geometry_stats, r_diag_values, ratio
 
 
-def select_layers(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
-    """Names of the trainable parameter tensors matching any glob in ``patterns`` (all if empty)."""
+def select_layers(model: nn.Module, patterns: Sequence[str] = (),
+                  blocks: Mapping[str, Sequence[Block]] | None = None) -> list[str]:
+    """Names of the trainable parameter tensors matching any glob in ``patterns`` (all if empty); with ``blocks``
+    (``fused.fused_blocks``: parameter name → its q, k, v blocks), a fused parameter is replaced by its blocks'
+    names, selected by a glob matching either the block's name or the parameter's."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not patterns:
-        return names
+    blocks = blocks or {}
+    known = names + [b.name for bs in blocks.values() for b in bs]
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in known):
             raise UsageError(f"--layers {pattern!r} matches no trainable parameter "
                              f"(names look like {names[0]!r})")
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return fused.select(names, blocks, patterns)
 
 
 def audit_loss(model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch]) -> float:
@@ -60,6 +65,7 @@ def audit_checkpoint(
     dense_max: int = 2048,
     slq: bool = False,
     across: Sequence[str] = (),
+    blocks: Mapping[str, Block] | None = None,
     cached: Mapping[str, Mapping] | None = None,
     on_result: Callable[[LayerResult], None] | None = None,
     on_layer: Callable[[int, int, str, int], None] | None = None,
@@ -74,6 +80,8 @@ def audit_checkpoint(
     stochastic Lanczos quadrature (``s_med_method`` says which). With ``across`` (layer names), the columns of
     those layers run over all of them together, giving r_diag across layers (``r_diag_across_*``, and pooled
     over their sampled coordinates in ``CheckpointResult.across``: the paper's Figure 15).
+    ``blocks`` maps the names of split fused blocks among ``layers`` (``fused.Block.name``) to their block: its
+    coordinates are sampled within the block (seeded by the block's shape) and mapped to the fused tensor's indices.
     ``loss`` is the audit loss when already known. ``cached[name]`` (``indices``, ``h_diag``, ``seconds``)
     is earlier work, reused when its indices are the ones this audit samples. ``on_result`` receives each
     newly computed layer (to save it); ``on_layer(position, count, name, work)`` announces each layer with
@@ -83,11 +91,16 @@ def audit_checkpoint(
     loss = audit_loss(model, loss_fn, micro_batches) if loss is None else loss
     engine = make_engine(model, loss_fn, micro_batches, chunk_size)
     params = dict(model.named_parameters())
-    cached = cached or {}
+    cached, blocks = cached or {}, blocks or {}
     results, pooled = [], []
     for position, name in enumerate(layers, 1):
-        shape = tuple(params[name].shape)
+        block = blocks.get(name)
+        param = block.param if block else name
+        shape = block.shape if block else tuple(params[name].shape)
         indices = sample_indices(shape, coords, seed)
+        if block:
+            indices = block.fused_indices(indices)
+        where = {"block": block.label, "of": block.describe()} if block else {}
         if on_layer:
             on_layer(position, len(layers), name, len(indices) * len(micro_batches))
         earlier = cached.get(name)
@@ -96,7 +109,7 @@ def audit_checkpoint(
             stats = diagonal_stats(h, topk) | earlier.get("geometry", {})
             results.append(LayerResult(name, shape, indices, h, stats, earlier["seconds"], True,
                                        earlier.get("s_med_method"), h_diag_method=earlier.get("h_diag_method"),
-                                       roundoff=earlier.get("roundoff")))
+                                       roundoff=earlier.get("roundoff"), **where))
             continue
         start = time.perf_counter()
         if geometry:
@@ -116,11 +129,12 @@ def audit_checkpoint(
                 extra |= {"s_med": ratio(spectrum["max_abs"], spectrum["median_abs"]),
                           "eig_max_abs": spectrum["max_abs"], "eig_median_abs": spectrum["median_abs"]}
         else:
-            h, extra, method = engine.diagonal(name, indices, on_chunk).double().cpu().numpy(), {}, None
+            h, extra, method = engine.diagonal(param, indices, on_chunk).double().cpu().numpy(), {}, None
         if not all(map(math.isfinite, h)):
             raise InputError(f"the Hessian diagonal of {name} holds non-finite values")
         results.append(LayerResult(name, shape, indices, h, diagonal_stats(h, topk) | extra,
-                                   time.perf_counter() - start, False, method, h_diag_method=engine.methods[name]))
+                                   time.perf_counter() - start, False, method, h_diag_method=engine.methods[param],
+                                   **where))
         if on_result:
             on_result(results[-1])
     results = _check_roundoff(model, loss_fn, micro_batches, results, topk, on_result, on_layer, on_chunk)
@@ -135,8 +149,9 @@ def _check_roundoff(model, loss_fn, micro_batches, results, topk, on_result, on_
     if todo and on_layer:
         on_layer(len(results), len(results), f"round-off check of {len(todo)} layers",
                  len(micro_batches) * sum(map(len, todo.values())))
-    again = recompute(model, loss_fn, micro_batches,
-                      {la.name: la.indices[todo[la.name]] for la in results if la.name in todo}, on_chunk)
+    again = _recompute_layers(model, loss_fn, micro_batches,
+                              {la.name: (la.param, la.indices[todo[la.name]]) for la in results if la.name in todo},
+                              on_chunk)
     checked = []
     for la in results:
         roundoff = la.roundoff
@@ -155,6 +170,20 @@ def _check_roundoff(model, loss_fn, micro_batches, results, topk, on_result, on_
         if on_result and la.name in again:
             on_result(checked[-1])
     return checked
+
+
+def _recompute_layers(model, loss_fn, micro_batches, wanted, on_chunk):
+    """``recompute`` for layers given as name → (parameter, indices): the blocks of one fused parameter share it."""
+    per_param: dict[str, list] = {}
+    for name, (param, idx) in wanted.items():
+        per_param.setdefault(param, []).append((name, idx))
+    values = recompute(model, loss_fn, micro_batches,
+                       {p: np.concatenate([idx for _, idx in parts]) for p, parts in per_param.items()}, on_chunk)
+    out = {}
+    for param, parts in per_param.items():
+        ends = np.cumsum([len(idx) for _, idx in parts])
+        out |= {name: piece for (name, _), piece in zip(parts, np.split(values[param], ends[:-1]))}
+    return out
 
 
 def _mean_median(prefix: str, values: np.ndarray) -> dict[str, float]:

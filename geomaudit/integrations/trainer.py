@@ -14,6 +14,7 @@ training time is spent; later, a failing audit is logged as one warning and skip
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..engine.audit import audit_checkpoint, audit_loss, select_layers
+from ..engine.fused import fused_blocks
 from ..errors import InputError, UsageError
 from ..io.checkpoints import LoadedModel
 from ..io.tasks import infer_task
@@ -72,7 +74,8 @@ class GeometryCallback(TrainerCallback):
     for the embedded corpus tokenized with ``tokenizer`` (default: the Trainer's ``processing_class``). The other
     settings and their defaults are ``geomaudit rmed``'s. The batch is built and checked at ``on_train_begin``
     (an error there is raised: nothing has been trained yet); an audit that fails later is logged as a warning
-    and skipped. Only the world process zero audits.
+    and skipped. Only the world process zero audits. ``split_fused`` audits fused q/k/v parameters as their blocks
+    (as ``--split-fused``; one ``UserWarning`` names the fused parameters it cannot split).
 
     Values reach ``trainer.state.log_history`` (so ``trainer_state.json``) and the callbacks after this one. The
     reporting integrations (TensorBoard, W&B …) run before callbacks passed to the Trainer, so for them to see
@@ -83,13 +86,14 @@ class GeometryCallback(TrainerCallback):
                  coords: int = AuditConfig.coords, layers: Sequence[str] = (), batch_size: int | None = None,
                  micro_batch: int | None = None, max_length: int = AuditConfig.max_length,
                  seed: int = AuditConfig.seed, topk: int = AuditConfig.topk, metric: str = "r_med_stab",
-                 tokenizer=None):
+                 tokenizer=None, split_fused: bool = False):
         if every < 1:
             raise UsageError(f"every must be at least 1, got {every}")
         if metric not in METRICS:
             raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         self.config = AuditConfig("", coords=coords, layers=tuple(layers), batch_size=batch_size,
-                                  micro_batch=micro_batch, max_length=max_length, seed=seed, topk=topk, every=every)
+                                  micro_batch=micro_batch, max_length=max_length, seed=seed, topk=topk, every=every,
+                                  split_fused=split_fused)
         self.config.validate()
         self.every, self.data, self.metric, self.tokenizer = every, data, metric, tokenizer
         self._prepared: tuple | None = None
@@ -134,10 +138,13 @@ class GeometryCallback(TrainerCallback):
         except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as err:
             raise InputError(f"GeometryCallback's audit batch from {source} does not fit the model: "
                              f"{_one_line(err)}") from err
-        select_layers(model, c.layers)
+        found, uncovered = fused_blocks(model) if c.split_fused else ({}, [])
+        if uncovered:
+            warnings.warn(f"split_fused has no layout for {', '.join(uncovered)}: audited whole", stacklevel=3)
+        select_layers(model, c.layers, found)
         with _audit_mode(model):
             audit_loss(model, loaded.loss_fn, micro)
-        self._prepared = loaded, batch, micro
+        self._prepared = loaded, batch, micro, found
 
     def audit(self, model: nn.Module, step: int, output_dir: str | None = None, tokenizer=None) -> CheckpointResult:
         """Audit ``model`` as it is, leaving its mode, attention, ``requires_grad`` flags and ``.grad`` untouched.
@@ -146,11 +153,13 @@ class GeometryCallback(TrainerCallback):
         """
         if self._prepared is None:
             self.prepare(model, tokenizer)
-        loaded, batch, micro = self._prepared
+        loaded, batch, micro, found = self._prepared
         c = self.config
+        blocks = {b.name: b for bs in found.values() for b in bs}
         with _audit_mode(model), torch.enable_grad():
-            result = audit_checkpoint(model, loaded.loss_fn, micro, select_layers(model, c.layers),
-                                      coords=c.coords, seed=c.seed, topk=c.topk, path=output_dir or "", step=step)
+            result = audit_checkpoint(model, loaded.loss_fn, micro, select_layers(model, c.layers, found),
+                                      blocks=blocks, coords=c.coords, seed=c.seed, topk=c.topk,
+                                      path=output_dir or "", step=step)
         if output_dir:
             param = _first_float(model)
             settings = c.settings() | {"precision": "fp64" if param.dtype == torch.float64 else "fp32"}
