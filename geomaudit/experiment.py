@@ -79,7 +79,7 @@ class ExperimentConfig:
     switch_at: int | None = None  # App. A.4: a run of the baseline that switches to the first adaptive optimizer
     blocks: int | None = None  # train on the first N blocks of the text (default: all)
     text: str | None = None
-    coords: int = 15
+    coords: int = 12
     layers: tuple[str, ...] = ()  # globs of the layers audited (default: every layer)
     seed: int = 0
     device: str = "auto"

@@ -55,7 +55,7 @@ def experiment(
                                                     "(default: all with real targets, 256 with random ones).")]
     = None,
     text: Text = None,
-    coords: Coords = 15,
+    coords: Coords = 12,
     layers: Annotated[list[str] | None, typer.Option("--layers", "-l", metavar="GLOB", rich_help_panel=SAMPLING,
                                                      help="Glob over parameter names of the layers audited (repeat "
                                                           "for several; default: every layer).")] = None,
@@ -83,7 +83,7 @@ def demo(
     device: Device = "auto",
     seed: Seed = 0,
     text: Text = None,
-    coords: Coords = 15,
+    coords: Coords = 12,
     debug: Debug = False,
     version: Version = False,
 ):

@@ -188,8 +188,10 @@ def _compare_figure(Figure, document: dict):
         bottom.set(xlim=(low, high), ylim=(low, high))
     else:
         bottom.text(0.5, 0.5, "no layer to compare", transform=bottom.transAxes, ha="center")
-    bottom.set(xscale="log", yscale="log", xlabel=f"{metric} of {reference.upper()}",
-               ylabel=f"{metric} of {other.upper()}",
+    fallback = any(r.get("metric") not in (None, metric) for pair in spec["pairs"] for r in pair["layers"])
+    shown = f"{metric} (r_med where it saturates)" if fallback else metric
+    bottom.set(xscale="log", yscale="log", xlabel=f"{shown} of {reference.upper()}",
+               ylabel=f"{shown} of {other.upper()}",
                title=f"{metric} per layer, ratio {direction}: above the line, {other.upper()} is larger")
     _legend(bottom)
     return fig
