@@ -16,6 +16,7 @@ one tangent's double-backward allocates (counted on the layer's first coordinate
 failure); an op without a batching rule falls back to one tangent at a time.
 """
 
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
@@ -181,6 +182,7 @@ class DiagonalEngine:
                         else:
                             cols = self._columns_at(flat, wrt if keep_columns else [param], sel)
                     except RuntimeError as err:
+                        refuse_without_second_derivative(err)
                         if not out_of_memory(err) or chunk in (None, 1):
                             raise
                         if chunk == self.chunk_size:  # not a cap for this layer's cost alone: keep it for later layers
@@ -243,6 +245,16 @@ class DiagonalEngine:
             pieces = [_zeros_if_none(c, None, p).reshape(-1) for c, p in zip(cols, params)]
             rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))  # one tensor: no copy
         return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+
+
+def refuse_without_second_derivative(err: RuntimeError) -> None:
+    """An operator PyTorch cannot differentiate twice (the SDPA kernels behind ``nn.MultiheadAttention`` with
+    ``need_weights=False`` or ``F.scaled_dot_product_attention``) is the model's limit, not a bug: one sentence, exit 3."""
+    found = re.search(r"derivative for (\S+) is not implemented", str(err))
+    if found:
+        raise InputError(f"the model runs {found.group(1)}, which PyTorch cannot differentiate twice, so its Hessian "
+                         "cannot be computed: use the plain (math) attention path (transformers models are loaded "
+                         "with eager attention; nn.MultiheadAttention needs need_weights=True)") from None
 
 
 def out_of_memory(err: BaseException) -> bool:

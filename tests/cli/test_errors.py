@@ -300,3 +300,45 @@ def test_reports_get_the_usual_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+ATTENTION = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self, need_weights):
+            super().__init__()
+            self.attn, self.out, self.need_weights = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 1), need_weights
+
+        def forward(self, x):
+            h, _ = self.attn(x, x, x, need_weights=self.need_weights)
+            return self.out(h).mean(1).squeeze(-1)
+
+    def fused():  # need_weights=False: PyTorch's fused SDPA kernel, which has no second derivative
+        torch.manual_seed(0)
+        return Attn(False).eval()
+
+    def math():
+        torch.manual_seed(0)
+        return Attn(True).eval()
+
+    def mse(model, batch):
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+""")
+
+
+def test_an_operator_without_a_second_derivative_is_an_input_error(tmp_path, monkeypatch):
+    """Found in use: nn.MultiheadAttention(need_weights=False) ended in exit 4; the same model on the math path works."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mha.py").write_text(ATTENTION)
+    torch.manual_seed(0)
+    parts = {"attn": torch.nn.MultiheadAttention(4, 2, batch_first=True), "out": torch.nn.Linear(4, 1)}
+    save_file({f"{name}.{k}": v for name, part in parts.items() for k, v in part.state_dict().items()},
+              tmp_path / "m.safetensors")
+    save_file({"x": torch.randn(6, 3, 4), "y": torch.randn(6)}, tmp_path / "d.safetensors")
+    args = ["m.safetensors", "--loss", "mha:mse", "--data", "d.safetensors", "--coords", "4", "--no-cache"]
+    fail(["rmed", *args, "--model", "mha:fused"], 3, "which PyTorch cannot differentiate twice",
+         "nn.MultiheadAttention needs need_weights=True")
+    result = runner.invoke(app, ["rmed", *args, "--model", "mha:math", "--json", "-"])
+    assert result.exit_code == 0, result.output
