@@ -19,7 +19,7 @@ from .engine.roundoff import TOP as CHECKED_TOP
 from .engine.stats import alignment_stats, saturated
 from .errors import InputError, UsageError
 from .io.checkpoints import LoadedModel, load_checkpoint
-from .io.data import AuditBatch, TextRecords, build_batch, embedded_corpus, has_labels, read_records
+from .io.data import AuditBatch, build_batch, embedded_corpus, has_labels, read_records
 from .io.optimizer import adam_state, adaptive_step
 from .io.trajectory import CheckpointRef, discover, expand_runs
 from .progress import Plan, PlannedLayer

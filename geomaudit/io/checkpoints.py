@@ -28,7 +28,7 @@ from . import guards
 from .precision import KeepFloat64, float32_modules, is_float64
 from .files import regular_file
 from .formats import hf_model_files
-from .tasks import IGNORE_INDEX, TASKS, Task, infer_task, model_class, model_output_loss, task_row  # noqa: F401  (re-exported)
+from .tasks import TASKS, Task, infer_task, model_class, task_row
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 

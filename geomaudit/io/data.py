@@ -21,7 +21,7 @@ from torch import Tensor
 from ..engine.hdiag import MicroBatch
 from ..errors import InputError, UsageError
 from .checkpoints import LoadedModel, read_state_dict
-from .files import parse_json, read_text
+from .files import lone_surrogate, parse_json, read_text
 from .tasks import IGNORE_INDEX, Examples, token_ids
 
 DEFAULT_TEXT_BATCH = 32
@@ -248,11 +248,10 @@ def _text_rows(path: Path, rows: list[dict]) -> TextRecords:
             raise InputError(f"{path}: every example needs a `text` field (example {n} has none)")
         if not isinstance(text, str):
             raise InputError(f"{path}: the text of example {n} is a {type(text).__name__}, not a string")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise InputError(f"{path}: the text of example {n} holds a lone surrogate "
-                             f"(U+{ord(err.object[err.start]):04X}), which is not a character") from None
+        found = lone_surrogate(text)
+        if found:
+            raise InputError(f"{path}: the text of example {n} holds a lone surrogate ({found}), which is not a "
+                             "character")
     labelled = all(r.get("label") not in (None, "") for r in rows)
     targeted = all(isinstance(r.get("target"), str) for r in rows)
     return TextRecords([str(r["text"]) for r in rows], [r["label"] for r in rows] if labelled else None,

@@ -75,12 +75,20 @@ def read_json(path: str | os.PathLike, what: str = "file", allow_nan: bool = Fal
     """The JSON document in the regular file ``path`` (``read_text``, ``parse_json``); a string escaping a lone
     surrogate (``"\\ud800"``), which is not a character, is refused."""
     document = parse_json(read_text(path, what), f"{what} {path}", allow_nan)
-    try:
-        json.dumps(document, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise InputError(f"{what} {path} holds a lone surrogate (U+{ord(err.object[err.start]):04X}), which is "
-                         "not a character") from None
+    found = lone_surrogate(json.dumps(document, ensure_ascii=False))
+    if found:
+        raise InputError(f"{what} {path} holds a lone surrogate ({found}), which is not a character")
     return document
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` as ``U+D800`` (a code point that is not a character and has no UTF-8),
+    or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"U+{ord(err.object[err.start]):04X}"
+    return None
 
 
 def _short(text: str, limit: int = 200) -> str:
