@@ -49,36 +49,42 @@ def _gpt2_tokenizer():
                                    pad_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A saved BertForSequenceClassification (2 labels) with a WordPiece tokenizer of the example text."""
+def save_tiny_bert(folder: Path, tokenizer) -> Path:
+    """A BertForSequenceClassification (2 blocks × 16, 2 labels) with ``tokenizer``, saved in ``folder``."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = _bert_tokenizer()
-    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64, num_labels=2,
                         architectures=["BertForSequenceClassification"])
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_tiny_gpt2(folder: Path, tokenizer, seed: int = 0) -> Path:
+    """A GPT2LMHeadModel (2 blocks × 16) initialised from ``seed``, with ``tokenizer``, saved in ``folder``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A saved BertForSequenceClassification (2 labels) with a WordPiece tokenizer of the example text."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), _bert_tokenizer())
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A saved GPT2LMHeadModel with a byte-level BPE tokenizer trained on the example text."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = _gpt2_tokenizer()
-    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                        architectures=["GPT2LMHeadModel"])
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), _gpt2_tokenizer())
 
 
 @pytest.fixture(scope="session")

@@ -28,23 +28,13 @@ BERT_LAYER = "bert.encoder.layer.0.output.LayerNorm.*"
 FAST = ["--coords", "2", "--batch-size", "4", "--max-length", "16"]
 
 
-def _gpt2(folder: Path, tokenizer, seed: int = 0) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        architectures=["GPT2LMHeadModel"])
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _run(folder: Path, tokenizer, losses: list[float]) -> Path:
     """A Trainer-style run: ``checkpoint-<step>/`` folders and ``trainer_state.json`` with the loss log."""
+    from tests.conftest import save_tiny_gpt2
+
     folder.mkdir()
     for step in range(1, len(losses) + 1):
-        _gpt2(folder / f"checkpoint-{step}", tokenizer, seed=step)
+        save_tiny_gpt2(folder / f"checkpoint-{step}", tokenizer, seed=step)
     log = [{"step": s, "loss": loss} for s, loss in enumerate(losses, 1)]
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": len(losses), "log_history": log}))
     return folder
@@ -53,9 +43,9 @@ def _run(folder: Path, tokenizer, losses: list[float]) -> Path:
 def build_seeds(root: Path) -> dict[str, Path]:
     """Write every seed under ``root`` (a few seconds); the worker's warm-up adds the reports and the cache."""
     from safetensors.torch import save_file
-    from transformers import BertConfig, BertForSequenceClassification, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    from tests.conftest import EXAMPLES, _bert_tokenizer, _gpt2_tokenizer
+    from tests.conftest import EXAMPLES, _bert_tokenizer, _gpt2_tokenizer, save_tiny_bert, save_tiny_gpt2
 
     from transformers.utils import logging as hf_logging
 
@@ -63,15 +53,8 @@ def build_seeds(root: Path) -> dict[str, Path]:
     hf_logging.disable_progress_bar()
     root.mkdir(parents=True, exist_ok=True)
     gpt2_tok, bert_tok = _gpt2_tokenizer(), _bert_tokenizer()
-    s = {"gpt2": _gpt2(root / "gpt2", gpt2_tok)}
-    bert = root / "bert"
-    config = BertConfig(vocab_size=len(bert_tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, num_labels=2,
-                        architectures=["BertForSequenceClassification"])
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(bert)
-    bert_tok.save_pretrained(bert)
-    s["bert"] = bert
+    s = {"gpt2": save_tiny_gpt2(root / "gpt2", gpt2_tok)}
+    s["bert"] = save_tiny_bert(root / "bert", bert_tok)
     sharded = root / "sharded"
     GPT2LMHeadModel.from_pretrained(s["gpt2"]).save_pretrained(sharded, max_shard_size="30KB")
     gpt2_tok.save_pretrained(sharded)
