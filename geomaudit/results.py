@@ -26,7 +26,7 @@ class LayerResult:
     cached: bool = False
     s_med_method: str | None = None  # "dense" or "submatrix" (H[S, S] of the sampled S) when S_med was computed
     alignment: dict | None = None  # gradient and Adam-step alignment with |H_ii| (``alignment_stats``)
-    h_diag_method: str | None = None  # how h_diag was computed: DiagonalEngine's METHODS ("hvp", "hessian-backprop")
+    h_diag_method: str | None = None  # how h_diag was computed: DiagonalEngine's METHODS
     zero_hessian: bool = False  # the sampled H_ii are zero to round-off (``engine.roundoff``): ratios undefined
     roundoff: dict | None = None  # the recomputation that decided it: dtype, indices, h_diag, changes, median_zero
     block: str | None = None  # with --split-fused: "q", "k" or "v" of the fused parameter ``of``

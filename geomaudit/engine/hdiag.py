@@ -19,7 +19,7 @@ failure); an op without a batching rule falls back to one tangent at a time.
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import InputError, UsageError
+from .outputs import OutputHVP, captured_uses, use_in_loss
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
@@ -37,7 +38,9 @@ LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 DEFAULT_CHUNK = {"cpu": 1, "cuda": 64}
 CHUNK_BUDGET_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}  # what one chunk's double-backward may allocate
 COLUMN_BUDGET_BYTES = 2 << 30  # the Hessian columns and H[S, S] that ``columns`` holds (and backprop's factors)
-METHODS = ("hvp", "hessian-backprop")  # one Hessian-vector product per coordinate; backprop.exact_diagonals
+# one Hessian-vector product per coordinate in the parameter's space, or in the outputs of the modules that use it
+# linearly (outputs.OutputHVP); the exact Hessian backpropagation of backprop.exact_diagonals
+METHODS = ("hvp", "hvp-output", "hessian-backprop")
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,6 @@ class DiagonalEngine:
             if on_chunk:
                 on_chunk(len(indices) * len(self.micro_batches))
             return values[torch.as_tensor(indices, dtype=torch.long, device=values.device)]
-        self.methods[name] = "hvp"
         return self._accumulate(name, indices, on_chunk, keep_columns=False).diag
 
     def columns(self, name: str, indices: Sequence[int] | Tensor, on_chunk: Callable[[int], None] | None = None,
@@ -111,7 +113,6 @@ class DiagonalEngine:
         and with several micro-batches the summed columns (``len(S) ×`` their length), must fit in
         ``COLUMN_BUDGET_BYTES`` (a usage error otherwise).
         """
-        self.methods[name] = "hvp"
         return self._accumulate(name, indices, on_chunk, keep_columns=True, across=across)
 
     def abs_spectrum(self, name: str, probes: int = 8, steps: int = 40, seed: int = 0) -> dict[str, float]:
@@ -163,9 +164,22 @@ class DiagonalEngine:
             self.chunk_size = DEFAULT_CHUNK["cuda" if param.device.type == "cuda" else "cpu"]
         chunk = None  # set from the layer's first coordinate
         rows = range(len(idx)) if rows is None else rows
+        through_outputs = not keep_columns and self.chunk_size == 1  # where outputs.OutputHVP applies, it is used
+        ran = set()
         with only_requires_grad(self.model, *wrt):
             for mb in self.micro_batches if len(rows) else ():
-                loss = self.loss_fn(self.model, mb.tensors)
+                with captured_uses(self.model, param) if through_outputs else nullcontext() as calls:
+                    loss = self.loss_fn(self.model, mb.tensors)
+                use = use_in_loss(loss, param, calls) if loss.requires_grad else None
+                ran.add("hvp" if use is None else "hvp-output")
+                if use is not None:
+                    hvp, coords = OutputHVP(loss, use), idx.tolist()
+                    for at in rows:
+                        diag[at] += mb.weight * hvp.entry(coords[at])
+                        if on_chunk:
+                            on_chunk(1)
+                    del hvp, loss
+                    continue
                 grad = torch.autograd.grad(loss, param, create_graph=True)[0] if loss.requires_grad else None
                 if grad is None or not grad.requires_grad:  # L_b ignores θ or is linear in it: H = 0
                     if on_chunk:
@@ -206,6 +220,7 @@ class DiagonalEngine:
                         on_chunk(len(sel))
                 del grad, flat, loss
         self.chunks[name] = chunk or 1
+        self.methods[name] = "hvp-output" if ran == {"hvp-output"} else "hvp"
         if summed is not None:
             sq_norms, sq_across = (summed[:, :param.numel()] ** 2).sum(1), (summed ** 2).sum(1)
         if block is None:
