@@ -13,7 +13,8 @@ On the same model, batch, parameter tensor and sampled coordinates, in one run:
               of every entry of every layer in one extended backward; per coordinate = its time / coordinates.
 
 Every per-coordinate time is a multiple of fwd+bwd (lower is better), the minimum over ``--repeats`` interleaved
-repeats (so load drifting on a shared machine hits every method alike); the unit is the fastest fwd+bwd of the run
+repeats (so load drifting on a shared machine hits every method alike; the methods take turns at going first after
+the fwd+bwd, as the state of the allocator a method inherits moved a time by up to 15%); the unit is the fastest fwd+bwd of the run
 (it is the same pass for every layer). Every method's values are checked against
 the loop's; the run exits 1 if any disagrees.
 
@@ -320,10 +321,10 @@ def main(argv=None) -> int:
             extended = backpack_model(model)
             backpack_all(extended, batch)
             engine_all(model, loss_fn, batch)
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             for n in params:
                 times[n]["fwd+bwd"].append(fwd_bwd(model, loss_fn, batch, device))
-                for m in per_layer:
+                for m in per_layer[r % len(per_layer):] + per_layer[:r % len(per_layer)]:  # each goes first in turn
                     out, s = timed(lambda: fns[m](model, loss_fn, batch, n, idx[n]), device)
                     times[n][m].append(s / len(idx[n]))
                     values[n][m] = out.detach()

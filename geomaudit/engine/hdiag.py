@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import InputError, UsageError
-from .outputs import OutputHVP, captured_uses, use_in_loss
+from .outputs import OutputHVP, captured_uses, uses_in_loss
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
@@ -170,10 +170,10 @@ class DiagonalEngine:
             for mb in self.micro_batches if len(rows) else ():
                 with captured_uses(self.model, param) if through_outputs else nullcontext() as calls:
                     loss = self.loss_fn(self.model, mb.tensors)
-                use = use_in_loss(loss, param, calls) if loss.requires_grad else None
-                ran.add("hvp" if use is None else "hvp-output")
-                if use is not None:
-                    hvp, coords = OutputHVP(loss, use), idx.tolist()
+                uses = uses_in_loss(loss, param, calls) if loss.requires_grad else None
+                ran.add("hvp" if uses is None else "hvp-output")
+                if uses is not None:
+                    hvp, coords = OutputHVP(loss, uses), idx.tolist()
                     for at in rows:
                         diag[at] += mb.weight * hvp.entry(coords[at])
                         if on_chunk:

@@ -45,7 +45,10 @@ class Net(nn.Module):
             z = z + 0.5 * nn.functional.linear(h, self.lin.weight)
         if self.variant == "in-place":
             z = nn.functional.relu(z, inplace=True)
-        return self.head(self.norm(torch.tanh(z)))
+        z = self.norm(torch.tanh(z))
+        if self.variant == "norm-twice":
+            z = self.norm(z * z)
+        return self.head(z)
 
 
 class Subclassed(nn.Linear):
@@ -97,7 +100,18 @@ def test_a_call_the_loss_does_not_depend_on_is_not_a_use():
     check_all_entries(Net("unused-call"), token_ce, "lin.weight", "hvp-output")
 
 
-@pytest.mark.parametrize("variant", ["twice", "functional", "in-place", "keyword", "subclass"])
+def test_a_layer_called_twice_in_a_row_is_exact():
+    """The second call's input depends on θ through the first: the 2 w·x term of S (engine/outputs.py)."""
+    check_all_entries(Net("twice"), token_ce, "lin.weight", "hvp-output")
+    check_all_entries(Net("twice"), token_ce, "lin.bias", "hvp-output")
+
+
+def test_a_layer_norm_called_twice_takes_the_parameter_space_hvps():
+    check_all_entries(Net("norm-twice"), token_ce, "norm.weight", "hvp")
+    check_all_entries(Net("norm-twice"), token_ce, "norm.bias", "hvp-output")
+
+
+@pytest.mark.parametrize("variant", ["functional", "in-place", "keyword", "subclass"])
 def test_other_uses_take_the_parameter_space_hvps(variant):
     check_all_entries(Net(variant), token_ce, "lin.weight", "hvp")
 
@@ -118,7 +132,7 @@ def test_a_foreign_forward_hook_takes_the_parameter_space_hvps():
     (make_gpt2, "gpt2", "transformer.h.1.mlp.c_proj.bias", "hvp-output"),
     (make_gpt2, "gpt2", "transformer.h.1.ln_2.weight", "hvp-output"),
     (make_gpt2, "gpt2", "transformer.wpe.weight", "hvp-output"),
-    (make_gpt2, "gpt2", "transformer.wte.weight", "hvp"),  # tied with lm_head: two uses
+    (make_gpt2, "gpt2", "transformer.wte.weight", "hvp-output"),  # tied with lm_head: two calls
     (make_bert, "bert", "bert.encoder.layer.0.attention.self.query.weight", "hvp-output"),
     (make_bert, "bert", "bert.embeddings.word_embeddings.weight", "hvp-output"),
     (make_bert, "bert", "classifier.weight", "hvp-output"),
