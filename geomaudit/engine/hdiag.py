@@ -173,12 +173,13 @@ class DiagonalEngine:
                 uses = uses_in_loss(loss, param, calls) if loss.requires_grad else None
                 ran.add("hvp" if uses is None else "hvp-output")
                 if uses is not None:
-                    hvp, coords = OutputHVP(loss, uses), idx.tolist()
+                    hvp, coords, entries = OutputHVP(loss, uses), idx.tolist(), []
                     for at in rows:
-                        diag[at] += mb.weight * hvp.entry(coords[at])
+                        entries.append(hvp.entry(coords[at]))
                         if on_chunk:
                             on_chunk(1)
-                    del hvp, loss
+                    diag[rows.start:rows.stop] += mb.weight * torch.stack(entries)
+                    del hvp, loss, entries
                     continue
                 grad = torch.autograd.grad(loss, param, create_graph=True)[0] if loss.requires_grad else None
                 if grad is None or not grad.requires_grad:  # L_b ignores θ or is linear in it: H = 0

@@ -192,11 +192,13 @@ class OutputHVP:
                                  allow_unused=True)
         for t in self.u + [t for _, _, t in self.w]:
             t.clear()
-        total = self.zero
-        for h, u, (col, values) in zip(hv, self.uses, at):
-            if h is not None:
-                total = total + (h.reshape(-1, u.width)[:, col] * values).sum()
-        return total
+        parts = [_dot(h.reshape(-1, u.width)[:, col], values) for h, u, (col, values) in zip(hv, self.uses, at)
+                 if h is not None]
+        return parts[0] if len(parts) == 1 else sum(parts, self.zero)
+
+
+def _dot(column: Tensor, values: Tensor | float) -> Tensor:
+    return column.sum() * values if isinstance(values, float) else torch.dot(column, values.to(column.dtype))
 
 
 class _Tangent:
