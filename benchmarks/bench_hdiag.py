@@ -16,7 +16,8 @@ Every per-coordinate time is a multiple of fwd+bwd (lower is better), the minimu
 repeats (so load drifting on a shared machine hits every method alike; the methods take turns at going first after
 the fwd+bwd, as the state of the allocator a method inherits moved a time by up to 15%); the unit is the fastest fwd+bwd of the run
 (it is the same pass for every layer). Every method's values are checked against
-the loop's; the run exits 1 if any disagrees.
+the loop's; the run exits 1 if any disagrees. Beside the times, the multiply-adds of the matrix products the engine
+and the loop run for the layer (``MatmulWork``, counted once, not timed) give their ratio without the noise.
 
     python benchmarks/bench_hdiag.py                         # tiny GPT-2 (2x128), batch 8x64, 64 coordinates
     python benchmarks/bench_hdiag.py --model bert-mini       # BERT 4x256, batch 8x64
@@ -38,6 +39,7 @@ import warnings
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch, only_requires_grad
 from geomaudit.engine.sampling import sample_indices
@@ -251,6 +253,22 @@ def fwd_bwd(model, loss_fn, batch, device) -> float:
     return seconds
 
 
+class MatmulWork(TorchDispatchMode):
+    """Counts the multiply-adds of the matrix products (mm, addmm, bmm, baddbmm) run under it: the arithmetic that
+    dominates an HVP, counted exactly where times on a shared machine move by a few percent."""
+
+    def __enter__(self):
+        self.macs = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "bmm", "baddbmm"):
+            a, b = args[-2:]
+            self.macs += a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max_i |a_i - b_i| / max(|b_i|, 1e-3 max|b|): relative, entries far below the layer's scale against the scale."""
     a, b = a.double().cpu(), b.double().cpu()
@@ -321,6 +339,12 @@ def main(argv=None) -> int:
             extended = backpack_model(model)
             backpack_all(extended, batch)
             engine_all(model, loss_fn, batch)
+        work = {n: {} for n in params}  # matrix-product multiply-adds of the engine and the loop, counted once
+        for n in params:
+            for m in [m for m in ("engine", "loop") if m in per_layer]:
+                with MatmulWork() as counter:
+                    fns[m](model, loss_fn, batch, n, idx[n])
+                work[n][m] = counter.macs
         for r in range(args.repeats):
             for n in params:
                 times[n]["fwd+bwd"].append(fwd_bwd(model, loss_fn, batch, device))
@@ -345,8 +369,10 @@ def main(argv=None) -> int:
         print(f"{m}: skipped, {why}")
     print("per-coordinate time as a multiple of one forward+backward (lower is better); rel diff: worst method "
           "against the loop")
+    counted = all(len(work[n]) == 2 for n in params)
     cols = ["fwd+bwd ms", *per_layer] + (["backpack (all)"] if "backpack" in methods else []) + ["engine method",
-                                                                                                 "rel diff"]
+                                                                                                 "rel diff"] \
+        + (["matmul work engine/loop"] if counted else [])
     rows, ok, doc = [], True, []
     unit = min(t for n in params for t in times[n]["fwd+bwd"])  # the same pass for every layer: its fastest
     for n in params:
@@ -365,6 +391,9 @@ def main(argv=None) -> int:
         ok &= worst <= TOLERANCE[args.precision]
         row["method"], row["rel_diff"] = METHOD_NOTES.get(n, ""), diffs
         cells += [row["method"], f"{worst:.1e}"]
+        if counted:
+            row["matmul_work_engine_over_loop"] = work[n]["engine"] / work[n]["loop"]
+            cells.append(f"{row['matmul_work_engine_over_loop']:.3f}")
         rows.append([n, *cells])
         doc.append(row)
     widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(["layer", *cols])]
