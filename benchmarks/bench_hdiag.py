@@ -407,9 +407,15 @@ def main(argv=None) -> int:
               f"rel diff {all_diff:.1e}")
         ok &= all_diff <= TOLERANCE[args.precision]
     if "loop" in per_layer and "engine" in per_layer:
-        slower = [r["layer"] for r in doc if r["engine"] > r["loop"]]
-        print("engine at or below the loop on every layer" if not slower else
-              f"engine SLOWER than the loop on: {', '.join(slower)}")
+        ratios = ", ".join(f"{r['engine'] / r['loop']:.3f}" for r in doc)
+        slower = [f"{r['layer']} (+{r['engine'] / r['loop'] - 1:.1%})" for r in doc if r["engine"] > r["loop"]]
+        print(f"engine/loop time per layer: {ratios}; " + ("at or below the loop on every layer" if not slower else
+              f"above the loop on: {', '.join(slower)}"))
+        if counted:
+            more = [r["layer"] for r in doc if r["matmul_work_engine_over_loop"] > 1]
+            print("engine/loop matrix-product work per layer: "
+                  + ", ".join(f"{r['matmul_work_engine_over_loop']:.3f}" for r in doc) + "; "
+                  + ("no more than the loop's on every layer" if not more else f"MORE than the loop's on: {more}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "device": str(device), "precision": args.precision,
