@@ -166,7 +166,7 @@ class DiagonalEngine:
         rows = range(len(idx)) if rows is None else rows
         through_outputs = not keep_columns and self.chunk_size == 1  # where outputs.OutputHVP applies, it is used
         ran = set()
-        with only_requires_grad(self.model, *wrt):
+        with only_requires_grad(self.model, *wrt), refusing_without_second_derivative():
             for mb in self.micro_batches if len(rows) else ():
                 with captured_uses(self.model, param) if through_outputs else nullcontext() as calls:
                     loss = self.loss_fn(self.model, mb.tensors)
@@ -197,7 +197,6 @@ class DiagonalEngine:
                         else:
                             cols = self._columns_at(flat, wrt if keep_columns else [param], sel)
                     except RuntimeError as err:
-                        refuse_without_second_derivative(err)
                         if not out_of_memory(err) or chunk in (None, 1):
                             raise
                         if chunk == self.chunk_size:  # not a cap for this layer's cost alone: keep it for later layers
@@ -263,11 +262,17 @@ class DiagonalEngine:
         return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 
 
-def refuse_without_second_derivative(err: RuntimeError) -> None:
+@contextmanager
+def refusing_without_second_derivative():
     """An operator PyTorch cannot differentiate twice (the SDPA kernels behind ``nn.MultiheadAttention`` with
-    ``need_weights=False`` or ``F.scaled_dot_product_attention``) is the model's limit, not a bug: one sentence, exit 3."""
-    found = re.search(r"derivative for (\S+) is not implemented", str(err))
-    if found:
+    ``need_weights=False`` or ``F.scaled_dot_product_attention``) is the model's limit, not a bug: one sentence, exit 3,
+    whichever double-backward under this met it (in the tensor's space or through a layer's output)."""
+    try:
+        yield
+    except RuntimeError as err:
+        found = re.search(r"derivative for (\S+) is not implemented", str(err))
+        if not found:
+            raise
         raise InputError(f"the model runs {found.group(1)}, which PyTorch cannot differentiate twice, so its Hessian "
                          "cannot be computed: use the plain (math) attention path (transformers models are loaded "
                          "with eager attention; nn.MultiheadAttention needs need_weights=True)") from None

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch
+from geomaudit.errors import InputError
 from geomaudit.engine.sampling import sample_indices
 
-from .test_hdiag import assert_close, hf_call, hf_loss, make_bert, make_gpt2, oracle_diag
+from .test_hdiag import assert_close, bert, gpt2, hf_call, hf_loss, oracle_diag  # noqa: F401 (fixtures)
 
 
 class Net(nn.Module):
@@ -127,26 +128,41 @@ def test_a_foreign_forward_hook_takes_the_parameter_space_hvps():
     check_all_entries(model, token_ce, "lin.weight", "hvp")
 
 
-@pytest.mark.parametrize("model, batch_of, name, method", [
-    (make_gpt2, "gpt2", "transformer.h.0.attn.c_attn.weight", "hvp-output"),  # Conv1D, stored (in, out)
-    (make_gpt2, "gpt2", "transformer.h.1.mlp.c_proj.bias", "hvp-output"),
-    (make_gpt2, "gpt2", "transformer.h.1.ln_2.weight", "hvp-output"),
-    (make_gpt2, "gpt2", "transformer.wpe.weight", "hvp-output"),
-    (make_gpt2, "gpt2", "transformer.wte.weight", "hvp-output"),  # tied with lm_head: two calls
-    (make_bert, "bert", "bert.encoder.layer.0.attention.self.query.weight", "hvp-output"),
-    (make_bert, "bert", "bert.embeddings.word_embeddings.weight", "hvp-output"),
-    (make_bert, "bert", "classifier.weight", "hvp-output"),
-], ids=lambda v: v if isinstance(v, str) else "")
-def test_transformers_tensors(model, batch_of, name, method):
-    model = model()
-    g = torch.Generator().manual_seed(3)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (3, 6), generator=g)
-    tensors = {"input_ids": ids, "labels": ids.clone()} if batch_of == "gpt2" else \
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2])}
-    shape = tuple(dict(model.named_parameters())[name].shape)
-    idx = sample_indices(shape, 20, seed=1)
+class BeforeFusedAttention(nn.Module):
+    """A Linear whose output goes through PyTorch's fused SDPA kernel (no second derivative)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.attn = nn.Linear(4, 4), nn.MultiheadAttention(4, 2, batch_first=True)
+        self.eval()
+
+    def forward(self, x):
+        h = self.pre(x)
+        return self.attn(h, h, h, need_weights=False)[0]
+
+
+def test_an_operator_without_a_second_derivative_on_the_output_path_is_an_input_error():
+    engine = DiagonalEngine(BeforeFusedAttention(), lambda m, t: (m(t["x"]) ** 2).mean(),
+                            [MicroBatch({"x": torch.randn(3, 5, 4)}, 1.0)])
+    with pytest.raises(InputError, match="cannot differentiate twice"):
+        engine.diagonal("pre.weight", [0, 5])
+
+
+@pytest.mark.parametrize("fixture, name", [
+    ("gpt2", "transformer.h.0.attn.c_attn.weight"),  # Conv1D, stored (in, out)
+    ("gpt2", "transformer.h.1.mlp.c_proj.bias"),
+    ("gpt2", "transformer.h.1.ln_2.weight"),
+    ("gpt2", "transformer.wpe.weight"),
+    ("gpt2", "transformer.wte.weight"),  # tied with lm_head: two calls
+    ("bert", "bert.encoder.layer.0.attention.self.query.weight"),
+    ("bert", "bert.embeddings.word_embeddings.weight"),
+    ("bert", "classifier.weight"),
+])
+def test_transformers_tensors_take_the_output_path_exactly(fixture, name, request):
+    model, tensors = request.getfixturevalue(fixture)  # test_hdiag's tiny fp64 models and batches
+    idx = sample_indices(tuple(dict(model.named_parameters())[name].shape), 20, seed=1)
     engine = DiagonalEngine(model, hf_loss, [MicroBatch(tensors, 1.0)])
     got = engine.diagonal(name, idx)
-    assert engine.methods[name] == method
+    assert engine.methods[name] == "hvp-output"
     assert_close(got, oracle_diag(model, name, hf_call(tensors), idx))
