@@ -14,8 +14,8 @@ On the same model, batch, parameter tensor and sampled coordinates, in one run:
 
 Every per-coordinate time is a multiple of fwd+bwd (lower is better), the minimum over ``--repeats`` interleaved
 repeats (so load drifting on a shared machine hits every method alike; the methods take turns at going first after
-the fwd+bwd, as the state of the allocator a method inherits moved a time by up to 15%); the unit is the fastest fwd+bwd of the run
-(it is the same pass for every layer). Every method's values are checked against
+the fwd+bwd, so that none always inherits the allocator state another left); the unit is the fastest fwd+bwd of the
+run (it is the same pass for every layer). Every method's values are checked against
 the loop's; the run exits 1 if any disagrees. Beside the times, the multiply-adds of the matrix products the engine
 and the loop run for the layer (``MatmulWork``, counted once, not timed) give their ratio without the noise.
 

@@ -120,15 +120,15 @@ def captured_uses(model: nn.Module, param: nn.Parameter) -> Iterator[list | None
         return
     calls: list = []
 
-    def record(role):
+    def record(build, role):
         def hook(module, args, output):
             if len(args) == 1 and isinstance(output, Tensor):
-                calls.append((_builder(module), role, module, args[0], output, args[0]._version, output._version))
+                calls.append((build, role, module, args[0], output, args[0]._version, output._version))
             else:
                 calls.append(None)  # called with keywords or extra arguments: not the plain forward
         return hook
 
-    handles = [m.register_forward_hook(record(roles[0])) for m, roles in holders]
+    handles = [m.register_forward_hook(record(_builder(m), roles[0])) for m, roles in holders]
     try:
         yield calls
     finally:
