@@ -22,6 +22,7 @@ and the loop run for the layer (``MatmulWork``, counted once, not timed) give th
     python benchmarks/bench_hdiag.py                         # tiny GPT-2 (2x128), batch 8x64, 64 coordinates
     python benchmarks/bench_hdiag.py --model bert-mini       # BERT 4x256, batch 8x64
     python benchmarks/bench_hdiag.py --model mlp             # Sequential MLP: + BackPACK, engine's exact backprop
+    python benchmarks/bench_hdiag.py --model mlp --classes 1000   # a wide output: the engine's cost rule picks HVPs
     python benchmarks/bench_hdiag.py --device cuda --model bert-small --precision tf32
 """
 
@@ -53,7 +54,7 @@ FUNC_CHUNK = {"cpu": 8, "cuda": 64}
 
 # ----------------------------------------------------------------------------- models
 
-def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int):
+def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int, classes: int = 10):
     """(model, loss_fn(model, batch), batch, {parameter: role}, loss_module for curvlinops/backpack)."""
     import transformers
     from transformers.utils import logging as hf_logging
@@ -63,8 +64,9 @@ def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int):
     torch.manual_seed(seed)
     if name == "mlp":
         n, _ = batch or (256, 0)
-        model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-        data = {"x": torch.randn(n, 256, generator=gen), "y": torch.randint(0, 10, (n,), generator=gen)}
+        model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 512), nn.ReLU(),
+                              nn.Linear(512, classes))
+        data = {"x": torch.randn(n, 256, generator=gen), "y": torch.randint(0, classes, (n,), generator=gen)}
         params = {"0.weight": "Linear 1", "2.weight": "Linear 2", "4.weight": "Linear 3 (output)", "2.bias": "bias"}
         return (model.to(device=device, dtype=dtype).eval(), lambda m, t: nn.functional.cross_entropy(m(t["x"]), t["y"]),
                 {k: v.to(device) if k == "y" else v.to(device, dtype) for k, v in data.items()}, params)
@@ -101,7 +103,7 @@ def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int):
 # ----------------------------------------------------------------------------- the methods
 
 def engine_diag(model, loss_fn, batch, name, idx):
-    engine = DiagonalEngine(model, loss_fn, [MicroBatch(batch, 1.0)])
+    engine = DiagonalEngine(model, loss_fn, [MicroBatch(batch, 1.0)], layers=[name])  # as `rmed --layers name`
     values = engine.diagonal(name, idx)
     METHOD_NOTES[name] = engine.methods[name] + (f" [{engine.chunks[name]}]" if name in engine.chunks else "")
     return values
@@ -300,6 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp64"))
     p.add_argument("--batch", help="BxT (or N for mlp)")
     p.add_argument("--coords", type=int, default=64)
+    p.add_argument("--classes", type=int, default=10, help="output units of --model mlp")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -312,7 +315,7 @@ def main(argv=None) -> int:
     device, dtype = resolve_device(args.device), set_precision(args.precision)
     batch_shape = tuple(int(v) for v in args.batch.split("x")) + (0,) if args.batch else None
     model, loss_fn, batch, params = build(args.model, batch_shape[:2] if batch_shape else None, device, dtype,
-                                          args.seed)
+                                          args.seed, args.classes)
     if args.params:
         params = {n: "" for n in args.params}
     methods = [m for m in args.methods.split(",") if m]

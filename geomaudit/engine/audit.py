@@ -86,12 +86,14 @@ def audit_checkpoint(
     is earlier work, reused when its indices are the ones this audit samples. ``on_result`` receives each
     newly computed layer (to save it); ``on_layer(position, count, name, work)`` announces each layer with
     its work in coordinate-passes (coordinates × micro-batches); ``on_chunk(n)`` reports progress inside it.
-    ``make_engine(model, loss_fn, micro_batches, chunk_size)`` builds the engine (a ``ShardedEngine`` under torchrun).
+    ``make_engine(model, loss_fn, micro_batches, chunk_size=…, layers=…)`` builds the engine (a ``ShardedEngine``
+    under torchrun).
     """
     loss = audit_loss(model, loss_fn, micro_batches) if loss is None else loss
-    engine = make_engine(model, loss_fn, micro_batches, chunk_size)
-    params = dict(model.named_parameters())
     cached, blocks = cached or {}, blocks or {}
+    wanted = list(dict.fromkeys(blocks[n].param if n in blocks else n for n in layers))
+    engine = make_engine(model, loss_fn, micro_batches, chunk_size=chunk_size, layers=wanted)
+    params = dict(model.named_parameters())
     results, pooled = [], []
     for position, name in enumerate(layers, 1):
         block = blocks.get(name)

@@ -14,38 +14,50 @@ size: the output's C units give rank C, and each activation with σ'' ≠ 0 adds
 width at the next Linear down. Every parameter's whole diagonal costs about C + 1 backward passes, against one
 Hessian-vector product per coordinate for the engine's general path.
 
-``exact_diagonals`` returns ``None`` when any condition fails (another layer type, a Dropout in training mode, a
-module called twice, a loss that reaches a parameter or an activation other than through the output, a loss Hessian
-that couples two rows, factors over ``COLUMN_BUDGET_BYTES``); the engine then computes Hessian-vector products.
+Only the wanted tensors are computed: the recursion stops at the lowest Linear holding one of them, and only they
+require grad in its forward pass, so the conditions below are checked for them alone (a penalty on another tensor in
+the loss leaves their Hessian unchanged). ``exact_diagonals`` returns ``None`` when any condition fails (another layer
+type, a Dropout in training mode, a module called twice, a loss that reaches a wanted tensor or an activation above it
+other than through the output, a loss Hessian that couples two rows, factors over ``COLUMN_BUDGET_BYTES``); the
+engine then computes Hessian-vector products.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
                nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout)
+LINEAR_PIECES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Identity, nn.Dropout)  # σ'' = 0: no factor added below
 ROW_CHECK_SEED = 0
+# The cost rule (``_cheaper``), in multiply-adds, fitted on a 2-core CPU (benchmarks/bench_hdiag.py --model mlp
+# --classes C): one HVP's fixed cost (autograd's calls, ≈ 75 µs at that CPU's 135 G multiply-adds per second), and a
+# batched symmetric eigendecomposition's per matrix of size C, ≈ 6 C³ + 5000 C² (C = 10 … 1000)
+HVP_OVERHEAD = 1e7
+EIGH_CUBIC, EIGH_SQUARE = 6, 5e3
 
 
-def exact_diagonals(model: nn.Module, loss_fn: Callable, micro_batches: Sequence, budget_bytes: int
-                    ) -> dict[str, Tensor] | None:
-    """Σ_b w_b diag(∇²_θ L_b) for every parameter θ of ``model`` (flattened, by name), or ``None`` where the
-    recursion does not apply exactly (see the module's docstring)."""
-    if not _supported(model):
+def exact_diagonals(model: nn.Module, loss_fn: Callable, micro_batches: Sequence, budget_bytes: int,
+                    names: Collection[str], coords: int | None = None) -> dict[str, Tensor] | None:
+    """Σ_b w_b diag(∇²_θ L_b) for the parameters θ of ``model`` named in ``names`` (flattened, by name), or ``None``
+    where the recursion does not apply exactly to them (see the module's docstring) or, given ``coords`` (the
+    coordinates per tensor the caller would otherwise take one HVP each for), where those HVPs cost less."""
+    params = dict(model.named_parameters())
+    if not _supported(model) or not names or not set(names) <= params.keys():
         return None
-    total = {name: torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for name, p in model.named_parameters()}
+    total = {name: torch.zeros(params[name].numel(), dtype=params[name].dtype, device=params[name].device)
+             for name in names}
     saved = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for p, _ in saved:
-            p.requires_grad_(True)
+        for name, p in params.items():
+            p.requires_grad_(name in total)
         for mb in micro_batches:
-            part = _one_batch(model, loss_fn, mb.tensors, budget_bytes)
+            part = _one_batch(model, loss_fn, mb.tensors, budget_bytes, total.keys(), coords)
             if part is None:
                 return None
-            for name, values in part.items():
-                total[name] += mb.weight * values
+            for name in total:
+                total[name] += mb.weight * part[name]
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
@@ -55,6 +67,9 @@ def exact_diagonals(model: nn.Module, loss_fn: Callable, micro_batches: Sequence
 def _supported(model: nn.Module) -> bool:
     if not isinstance(model, nn.Sequential) or not any(isinstance(m, nn.Linear) for m in model):
         return False
+    shared = [id(p) for m in model for p in m.parameters()]
+    if len(shared) != len(set(shared)):  # a weight tied between two layers: its diagonal is not theirs apart
+        return False
     for m in model:
         if isinstance(m, nn.Dropout) and m.training:
             return False
@@ -63,8 +78,8 @@ def _supported(model: nn.Module) -> bool:
     return True
 
 
-def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Tensor], budget_bytes: int
-               ) -> dict[str, Tensor] | None:
+def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Tensor], budget_bytes: int,
+               names: Collection[str], coords: int | None) -> dict[str, Tensor] | None:
     seen: list[tuple[nn.Module, Tensor, Tensor]] = []
     hooks = [m.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out))) for m in model]
     try:
@@ -78,12 +93,17 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
     if z.ndim < 1 or not _only_through(loss, z):
         return None
     width = z.shape[-1]
-    acts = [out for m, _, out in seen[:-1]]
+    owner = {n: i for i, m in enumerate(model) for n, _ in m.named_parameters(prefix=str(i))}
+    lowest = min(owner[n] for n in names)  # the recursion stops at this Linear
+    rows = z.reshape(-1, width).shape[0]
+    if coords is not None and not _cheaper(model, rows, {n: owner[n] for n in names}, coords):
+        return None
+    acts = [out for _, _, out in seen[lowest:-1]]
     grads = torch.autograd.grad(loss, [z, *acts], create_graph=True, allow_unused=True)
     g_z = grads[0]
-    if g_z is None:  # the loss does not depend on the output, so on no parameter
-        return {name: torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for name, p in model.named_parameters()}
-    rows = z.reshape(-1, width).shape[0]
+    if g_z is None:  # the loss does not depend on the output, so on no wanted parameter
+        return {name: torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                for name, p in model.named_parameters() if name in names}
     factors = []  # M = Σ S diag(s) Sᵀ (+ diag(D)); none for a loss linear in the output
     if g_z.requires_grad:
         hess = torch.stack([torch.autograd.grad(g_z, z, _unit(z, c), retain_graph=True)[0].reshape(rows, width)
@@ -95,17 +115,16 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
     diagonal: Tensor | None = None
     grad_of = {id(out): g for out, g in zip([z, *acts], grads)}
     result = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    below = [any(isinstance(m, nn.Linear) for m in list(model)[:i]) for i in range(len(model))]
-    for i in reversed(range(len(seen))):
+    for i in reversed(range(lowest, len(seen))):
         module, a, out = seen[i]
         a = a.detach().reshape(rows, -1)
         if isinstance(module, nn.Linear):
             d = _diag(factors, diagonal, out.detach().reshape(rows, -1))
-            result[names[id(module.weight)]] = torch.einsum("nj,nk->jk", d, a ** 2).reshape(-1)
-            if module.bias is not None:
-                result[names[id(module.bias)]] = d.sum(0)
-            if not below[i]:
+            if f"{i}.weight" in names:
+                result[f"{i}.weight"] = torch.einsum("nj,nk->jk", d, a ** 2).reshape(-1)
+            if f"{i}.bias" in names:
+                result[f"{i}.bias"] = d.sum(0)
+            if i == lowest:
                 break
             w = module.weight.detach()
             factors = [(torch.einsum("oi,nor->nir", w, s), sign) for s, sign in factors]
@@ -126,7 +145,32 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
             if second is not None and g_a is not None and second.count_nonzero():  # σ'' = 0 (ReLU): no residual
                 extra = second * g_a.detach().reshape(rows, -1)
                 diagonal = extra if diagonal is None else diagonal + extra
-    return {n: v.detach() for n, v in result.items()}
+    return {n: result[n].detach() for n in names}
+
+
+def _cheaper(model: nn.Sequential, rows: int, owner: Mapping[str, int], coords: int) -> bool:
+    """Whether the recursion down to the lowest wanted Linear costs no more multiply-adds (estimated from the layers'
+    shapes, ``rows`` rows of output) than ``coords`` HVPs per wanted tensor through its outputs: 2 multiply-adds per
+    row and weight of each Linear above it, plus ``HVP_OVERHEAD``; both pay a forward and a backward from there."""
+    size = {i: m.in_features * m.out_features for i, m in enumerate(model) if isinstance(m, nn.Linear)}
+    params = dict(model.named_parameters())
+    hvps = sum(min(coords, params[n].numel()) * (2 * rows * sum(v for i, v in size.items() if i > k) + HVP_OVERHEAD)
+               for n, k in owner.items())
+    width = model[max(size)].out_features
+    cost = width * (HVP_OVERHEAD + rows * width) + rows * (EIGH_CUBIC * width ** 3 + EIGH_SQUARE * width ** 2)
+    rank, curved, lowest = width, False, min(owner.values())
+    for i in reversed(range(lowest, len(model))):
+        m = model[i]
+        if isinstance(m, nn.Linear):
+            cost += rows * m.out_features * rank + rows * size[i] * (f"{i}.weight" in owner)
+            if i == lowest:
+                break
+            cost += rows * size[i] * rank
+            rank += m.out_features * curved
+            curved = False
+        else:
+            curved = curved or not isinstance(m, LINEAR_PIECES)
+    return cost <= hvps
 
 
 def _unit(z: Tensor, c: int) -> Tensor:

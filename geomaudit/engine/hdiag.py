@@ -73,12 +73,14 @@ class DiagonalEngine:
     ``None`` picks the device's default (``DEFAULT_CHUNK``). A chunk above 1 is capped per layer so that its
     double-backward allocates at most ``CHUNK_BUDGET_BYTES``, as counted on the layer's first coordinate. A chunk
     halved on out-of-memory stays halved for later layers, unless the layer's own cost had capped it.
+    ``layers`` names the tensors the caller will ask for (``None``: any): the exact Hessian backpropagation, where the
+    model allows it, computes those alone and stops below the lowest of them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, micro_batches: Sequence[MicroBatch],
-                 chunk_size: int | None = None, backprop: bool = True):
+                 chunk_size: int | None = None, backprop: bool = True, layers: Sequence[str] | None = None):
         self.model, self.loss_fn, self.micro_batches = model, loss_fn, list(micro_batches)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.layers = chunk_size, layers
         self.batched = True
         self.chunks: dict[str, int] = {}  # the chunk each layer ran with
         self.methods: dict[str, str] = {}  # how each layer's H_ii were computed: METHODS
@@ -88,14 +90,17 @@ class DiagonalEngine:
                  on_chunk: Callable[[int], None] | None = None) -> Tensor:
         """H_ii for the flat ``indices`` of parameter ``name``, in the parameter's dtype.
 
-        From the exact Hessian backpropagation of ``backprop.exact_diagonals`` when the model allows it (every
-        layer's whole diagonal at once, on the first call) and ``backprop`` is on, else from HVPs.
+        From the exact Hessian backpropagation of ``backprop.exact_diagonals`` (the whole diagonal of every tensor in
+        ``layers`` at once, on the first call) when ``backprop`` is on, the model allows it and it costs less than
+        HVPs for as many coordinates of each tensor as this first call asks for; else from HVPs.
         ``on_chunk(n)`` is called after each chunk of ``n`` coordinates of each micro-batch.
         """
         if self._exact is None:
             from .backprop import exact_diagonals
 
-            self._exact = exact_diagonals(self.model, self.loss_fn, self.micro_batches, COLUMN_BUDGET_BYTES) or {}
+            names = [n for n, _ in self.model.named_parameters()] if self.layers is None else self.layers
+            self._exact = exact_diagonals(self.model, self.loss_fn, self.micro_batches, COLUMN_BUDGET_BYTES,
+                                          names, coords=len(indices)) or {}
         if name in self._exact:
             self.methods[name] = "hessian-backprop"
             values = self._exact[name]

@@ -51,16 +51,18 @@ class Loss(nn.Module):
 
 
 def check(model, loss, batch, got):
-    """Oracle: the dense Hessian (torch.autograd.functional.hessian) of the loss in each whole tensor."""
+    """Oracle: the dense Hessian (torch.autograd.functional.hessian) of the loss in each whole tensor, against the
+    leading entries ``got`` holds of each tensor it names."""
     whole = Loss(model, loss, batch)
-    for name, p in model.named_parameters():
-        base = p.detach().clone()
+    for name, values in got.items():
+        base = model.get_parameter(name).detach().clone()
         dense = torch.autograd.functional.hessian(
             lambda flat: functional_call(whole, {f"model.{name}": flat.reshape(base.shape)}, ()), base.reshape(-1))
+        want = dense.diagonal()[: len(values)]
         if dense.diagonal().abs().max() == 0:  # the loss is linear in this tensor
-            assert torch.equal(got[name], dense.diagonal()), name
+            assert torch.equal(values, want), name
         else:
-            assert_close(got[name], dense.diagonal())
+            assert_close(values, want)
 
 
 def seq_ce(model, t):
@@ -150,3 +152,39 @@ def test_the_audit_reports_which_method_ran():
     result = audit_checkpoint(model, weight_decay, [MicroBatch(batch, 1.0)], ["0.weight"], coords=5, seed=0)
     assert result.layers[0].h_diag_method == "hvp"
     assert result.layers[0].to_dict()["h_diag_method"] == "hvp"
+
+
+def test_a_tensor_audited_alone_stops_the_recursion_there_and_ignores_penalties_on_others():
+    """Only the wanted tensors require grad: a penalty on a lower layer's weight leaves their Hessian (and the
+    recursion) exact, while the penalised tensor itself, asked for, takes HVPs."""
+    model, batch = deep_mlp(), data()
+    top = ["7.weight", "10.weight", "10.bias"]
+    engine = DiagonalEngine(model, weight_decay, [MicroBatch(batch, 1.0)], layers=top)
+    got = {name: engine.diagonal(name, np.arange(model.get_parameter(name).numel())) for name in top}
+    assert engine.methods == dict.fromkeys(top, "hessian-backprop")
+    engine = DiagonalEngine(model, weight_decay, [MicroBatch(batch, 1.0)], layers=["0.weight", "7.weight"])
+    got |= {name: engine.diagonal(name, np.arange(model.get_parameter(name).numel())) for name in ["0.weight"]}
+    assert engine.methods == {"0.weight": "hvp"}
+    check(model, weight_decay, batch, got)
+
+
+def test_a_weight_tied_between_two_layers_takes_the_hvps_through_both_outputs():
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight  # one tensor, two layers: its diagonal is not the sum of the two layers' terms
+    model, batch = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(4, 3)).double().eval(), data()
+    got, methods = every_entry(model, mse_loss, batch)
+    assert set(methods.values()) == {"hvp-output"}  # the whole model: the tied tensor is a parameter of it
+    check(model, mse_loss, batch, got)
+
+
+@pytest.mark.parametrize("one, method", [(True, "hvp-output"), (False, "hessian-backprop")], ids=["one", "all"])
+def test_the_cheaper_method_runs(one, method):
+    """The cost rule: one HVP for one coordinate of one tensor costs less than the recursion's three (one per output
+    unit) and its eigendecompositions; for every coordinate of every tensor the recursion costs less."""
+    model, batch = deep_mlp(), data()
+    names = ["10.weight"] if one else [n for n, _ in model.named_parameters()]
+    engine = DiagonalEngine(model, mse_loss, [MicroBatch(batch, 1.0)], layers=names)
+    got = {n: engine.diagonal(n, np.arange(1 if one else model.get_parameter(n).numel())) for n in names}
+    assert set(engine.methods.values()) == {method}
+    check(model, mse_loss, batch, got)
