@@ -9,7 +9,7 @@ On the same model, batch, parameter tensor and sampled coordinates, in one run:
               (what PyHessian-style code does; only θ requires grad, as in the engine);
 * func     -- ``torch.func`` forward-over-reverse: ``vmap(jvp(grad(loss)))`` over one-hot tangents, in chunks;
 * curvlinops -- ``curvlinops.HessianLinearOperator`` (3.x) applied to one-hot columns (the ``bench`` extra);
-* backpack -- BackPACK's ``DiagHessian`` (``--model mlp`` only: it supports Sequential MLPs): the exact diagonal
+* backpack -- BackPACK's ``DiagHessian`` (``--model mlp`` or ``cnn``: it supports Sequential models): the exact diagonal
               of every entry of every layer in one extended backward; per coordinate = its time / coordinates.
 
 Every per-coordinate time is a multiple of fwd+bwd (lower is better), the minimum over ``--repeats`` interleaved
@@ -21,8 +21,10 @@ and the loop run for the layer (``MatmulWork``, counted once, not timed) give th
 
     python benchmarks/bench_hdiag.py                         # tiny GPT-2 (2x128), batch 8x64, 64 coordinates
     python benchmarks/bench_hdiag.py --model bert-mini       # BERT 4x256, batch 8x64
+    python benchmarks/bench_hdiag.py --model gpt2-small --methods engine,loop   # GPT-2 small (124M), batch 8x64
     python benchmarks/bench_hdiag.py --model mlp             # Sequential MLP: + BackPACK, engine's exact backprop
     python benchmarks/bench_hdiag.py --model mlp --classes 1000   # a wide output: the engine's cost rule picks HVPs
+    python benchmarks/bench_hdiag.py --model cnn             # Sequential CNN (2 conv + pooling, 32x32 inputs): + BackPACK
     python benchmarks/bench_hdiag.py --device cuda --model bert-small --precision tf32
 """
 
@@ -70,15 +72,28 @@ def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int, cl
         params = {"0.weight": "Linear 1", "2.weight": "Linear 2", "4.weight": "Linear 3 (output)", "2.bias": "bias"}
         return (model.to(device=device, dtype=dtype).eval(), lambda m, t: nn.functional.cross_entropy(m(t["x"]), t["y"]),
                 {k: v.to(device) if k == "y" else v.to(device, dtype) for k, v in data.items()}, params)
-    if name == "gpt2-tiny":
+    if name == "cnn":
+        n, _ = batch or (64, 0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(32 * 8 * 8, classes))
+        data = {"x": torch.randn(n, 3, 32, 32, generator=gen), "y": torch.randint(0, classes, (n,), generator=gen)}
+        params = {"0.weight": "convolution 1", "3.weight": "convolution 2", "3.bias": "bias",
+                  "7.weight": "Linear (output)"}
+        return (model.to(device=device, dtype=dtype).eval(), lambda m, t: nn.functional.cross_entropy(m(t["x"]), t["y"]),
+                {k: v.to(device) if k == "y" else v.to(device, dtype) for k, v in data.items()}, params)
+    if name in ("gpt2-tiny", "gpt2-small"):
         b, t = batch or (8, 64)
-        config = transformers.GPT2Config(vocab_size=1000, n_positions=max(64, t), n_embd=128, n_layer=2, n_head=4,
-                                         bos_token_id=0, eos_token_id=0)
+        config = (transformers.GPT2Config(vocab_size=1000, n_positions=max(64, t), n_embd=128, n_layer=2, n_head=4,
+                                          bos_token_id=0, eos_token_id=0) if name == "gpt2-tiny"
+                  else transformers.GPT2Config())  # GPT-2 small: 12 blocks × 768, vocabulary 50,257 (124M)
         model = transformers.GPT2LMHeadModel(config)
         ids = torch.randint(0, config.vocab_size, (b, t), generator=gen)
         data, task = {"input_ids": ids, "labels": ids.clone()}, "causal-lm"
-        params = {"transformer.h.0.attn.c_attn.weight": "attention qkv", "transformer.h.1.mlp.c_fc.weight": "MLP in",
-                  "transformer.h.1.ln_1.weight": "LayerNorm", "transformer.wte.weight": "word embedding (tied)"}
+        mid = config.n_layer // 2 - 1  # block 1 of 2, block 5 of 12
+        params = {"transformer.h.0.attn.c_attn.weight": "attention qkv",
+                  f"transformer.h.{mid}.mlp.c_fc.weight": "MLP in", f"transformer.h.{mid}.ln_1.weight": "LayerNorm",
+                  "transformer.wte.weight": "word embedding (tied)"}
     elif name in ("bert-mini", "bert-small"):
         layers, hidden = (4, 256) if name == "bert-mini" else (4, 512)
         b, t = batch or ((8, 64) if name == "bert-mini" else (32, 128))
@@ -94,7 +109,7 @@ def build(name: str, batch: tuple[int, int] | None, device, dtype, seed: int, cl
                   "bert.encoder.layer.2.output.LayerNorm.weight": "LayerNorm",
                   "bert.embeddings.word_embeddings.weight": "word embedding"}
     else:
-        raise SystemExit("--model must be mlp, gpt2-tiny, bert-mini or bert-small")
+        raise SystemExit("--model must be mlp, cnn, gpt2-tiny, gpt2-small, bert-mini or bert-small")
     model.config._attn_implementation = "eager"  # SDPA has no double backward
     model = model.to(device=device, dtype=dtype).eval()
     return model, TASKS[task].loss, {k: v.to(device) for k, v in data.items()}, params
@@ -256,8 +271,9 @@ def fwd_bwd(model, loss_fn, batch, device) -> float:
 
 
 class MatmulWork(TorchDispatchMode):
-    """Counts the multiply-adds of the matrix products (mm, addmm, bmm, baddbmm) run under it: the arithmetic that
-    dominates an HVP, counted exactly where times on a shared machine move by a few percent."""
+    """Counts the multiply-adds of the matrix products (mm, addmm, bmm, baddbmm) and convolutions (forward, and each
+    gradient a convolution's backward computes) run under it: the arithmetic that dominates an HVP, counted exactly
+    where times on a shared machine move by a few percent."""
 
     def __enter__(self):
         self.macs = 0
@@ -265,10 +281,15 @@ class MatmulWork(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
         if name in ("mm", "addmm", "bmm", "baddbmm"):
             a, b = args[-2:]
             self.macs += a.numel() * b.shape[-1]
-        return func(*args, **(kwargs or {}))
+        elif name == "convolution":  # (input, weight, ..., transposed, ...): each output entry, one weight slice
+            self.macs += (args[0] if args[6] else out).numel() * args[1][0].numel()
+        elif name == "convolution_backward":  # (grad_output, input, weight, ..., transposed, ..., output_mask)
+            self.macs += sum(args[10][:2]) * (args[1] if args[7] else args[0]).numel() * args[2][0].numel()
+        return out
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -302,7 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp64"))
     p.add_argument("--batch", help="BxT (or N for mlp)")
     p.add_argument("--coords", type=int, default=64)
-    p.add_argument("--classes", type=int, default=10, help="output units of --model mlp")
+    p.add_argument("--classes", type=int, default=10, help="output units of --model mlp or cnn")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", default=",".join(METHODS))

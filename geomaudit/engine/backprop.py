@@ -1,6 +1,7 @@
-"""The exact Hessian diagonal of every parameter of a Sequential MLP, by backpropagating the Hessian.
+"""The exact Hessian diagonal of every parameter of a Sequential MLP or CNN, by backpropagating the Hessian.
 
-For ``nn.Sequential`` models of ``nn.Linear`` layers and element-wise activations (``ELEMENTWISE``), whose loss
+For ``nn.Sequential`` models of ``nn.Linear`` layers, ``nn.Conv2d`` layers, element-wise activations
+(``ELEMENTWISE``) and ``SHAPING`` modules (Flatten, max and average pooling), whose loss
 depends on the parameters only through the model's output and is a sum over the output's rows (examples, or tokens)
 — so that the Hessian of the loss in the output is block-diagonal over rows — the Hessian M_a = ∂²L/∂a² of each row's
 activations a is propagated backwards exactly (the recursion BackPACK's ``DiagHessian`` uses, written anew here):
@@ -8,13 +9,18 @@ activations a is propagated backwards exactly (the recursion BackPACK's ``DiagHe
     output z:            M_z = ∂²L/∂z²                        (autograd: one HVP per output unit, all rows at once)
     Linear z = a Wᵀ + b: H[W_jk] += Σ_n (M_z)_n,jj a_n,k²,   H[b_j] += Σ_n (M_z)_n,jj,   M_a = Wᵀ M_z W
     a = σ(z):            M_z = diag(σ'(z)) M_a diag(σ'(z)) + diag(σ''(z) ⊙ ∂L/∂a)
+    Conv2d z = W ⋆ a + b, with U = unfold(a) (patches k at positions p), channel o of z at p:
+                         H[W_ok] += Σ_n Σ_pq (M_z)_n,(o,p)(o,q) U_n,kp U_n,kq,   H[b_o] += Σ_n Σ_pq (M_z)_n,(o,p)(o,q),
+                         M_a = Jᵀ M_z J (J the convolution's Jacobian; likewise through Flatten and pooling)
 
 Each M is held as Σ S diag(s) Sᵀ + diag(D) with factors S of (rows, width, rank), so its diagonal costs the factors'
 size: the output's C units give rank C, and each activation with σ'' ≠ 0 adds a diagonal that becomes a factor of its
-width at the next Linear down. Every parameter's whole diagonal costs about C + 1 backward passes, against one
-Hessian-vector product per coordinate for the engine's general path.
+width at the next Linear down (at a convolution or a pooling that factor's rank would be the whole feature map, so
+there the recursion gives up: a CNN is taken with piecewise-linear activations, ReLU and kin, below its last
+convolution). Every parameter's whole diagonal costs about C + 1 backward passes, against one Hessian-vector product
+per coordinate for the engine's general path.
 
-Only the wanted tensors are computed: the recursion stops at the lowest Linear holding one of them, and only they
+Only the wanted tensors are computed: the recursion stops at the lowest layer holding one of them, and only they
 require grad in its forward pass, so the conditions below are checked for them alone (a penalty on another tensor in
 the loss leaves their Hessian unchanged). ``exact_diagonals`` returns ``None`` when any condition fails (another layer
 type, a Dropout in training mode, a module called twice, a loss that reaches a wanted tensor or an activation above it
@@ -30,6 +36,7 @@ from torch import Tensor, nn
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
                nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout)
 LINEAR_PIECES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Identity, nn.Dropout)  # σ'' = 0: no factor added below
+SHAPING = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d)  # (piecewise) linear, no parameters: factors go through their vjp
 ROW_CHECK_SEED = 0
 # The cost rule (``_cheaper``), in multiply-adds, fitted on a 2-core CPU (benchmarks/bench_hdiag.py --model mlp
 # --classes C): one HVP's fixed cost (autograd's calls, ≈ 75 µs at that CPU's 135 G multiply-adds per second), and a
@@ -73,7 +80,9 @@ def _supported(model: nn.Module) -> bool:
     for m in model:
         if isinstance(m, nn.Dropout) and m.training:
             return False
-        if not isinstance(m, (nn.Linear, *ELEMENTWISE)):
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+            return False
+        if not isinstance(m, (nn.Linear, nn.Conv2d, *SHAPING, *ELEMENTWISE)):
             return False
     return True
 
@@ -94,9 +103,12 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
         return None
     width = z.shape[-1]
     owner = {n: i for i, m in enumerate(model) for n, _ in m.named_parameters(prefix=str(i))}
-    lowest = min(owner[n] for n in names)  # the recursion stops at this Linear
+    lowest = min(owner[n] for n in names)  # the recursion stops at this layer
     rows = z.reshape(-1, width).shape[0]
-    if coords is not None and not _cheaper(model, rows, {n: owner[n] for n in names}, coords):
+    if any(a.numel() // m.weight[0].numel() != rows if isinstance(m, nn.Linear) else a.shape[0] != rows
+           for m, a, _ in seen if isinstance(m, (nn.Linear, nn.Conv2d, *SHAPING))):
+        return None  # a layer whose rows are not the loss's (a Linear over the last axis of an image, say)
+    if coords is not None and not _cheaper(seen, rows, {n: owner[n] for n in names}, coords):
         return None
     acts = [out for _, _, out in seen[lowest:-1]]
     grads = torch.autograd.grad(loss, [z, *acts], create_graph=True, allow_unused=True)
@@ -116,9 +128,39 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
     grad_of = {id(out): g for out, g in zip([z, *acts], grads)}
     result = {}
     for i in reversed(range(lowest, len(seen))):
-        module, a, out = seen[i]
-        a = a.detach().reshape(rows, -1)
-        if isinstance(module, nn.Linear):
+        module, shaped, out = seen[i]
+        a = shaped.detach().reshape(rows, -1)
+        if isinstance(module, nn.Conv2d):
+            channels = out.shape[1]
+            unfolded = nn.functional.unfold(shaped.detach(), module.kernel_size, module.dilation, module.padding,
+                                            module.stride)  # (rows, C_in·kh·kw, positions)
+            per_channel = [(s.reshape(rows, channels, -1, s.shape[-1]), sign) for s, sign in factors]
+            extra = None if diagonal is None else diagonal.reshape(rows, channels, -1)
+            if f"{i}.weight" in names:  # Σ_n Σ_r s_r (Σ_p S[(o,p),r] U[k,p])² + Σ_n Σ_p D[(o,p)] U[k,p]²
+                h = torch.zeros(channels, unfolded.shape[1], dtype=out.dtype, device=out.device)
+                step = max(1, budget_bytes // (unfolded.element_size() * rows * channels * unfolded.shape[1]))
+                for s, sign in per_channel:  # a slice of the rank at a time: (rows, C_out, C_in·kh·kw, step)
+                    for r in range(0, s.shape[-1], step):
+                        part = torch.einsum("nopr,nkp->nokr", s[..., r:r + step], unfolded) ** 2
+                        h += (part * sign[:, None, None, r:r + step]).sum((0, 3))
+                if extra is not None:
+                    h += torch.einsum("nop,nkp->ok", extra, unfolded ** 2)
+                result[f"{i}.weight"] = h.reshape(-1)
+            if f"{i}.bias" in names:  # Σ_n Σ_r s_r (Σ_p S[(o,p),r])² + Σ_n Σ_p D[(o,p)]
+                h = torch.zeros(channels, dtype=out.dtype, device=out.device)
+                for s, sign in per_channel:
+                    h += (s.sum(2) ** 2 * sign.unsqueeze(1)).sum((0, 2))
+                result[f"{i}.bias"] = h if extra is None else h + extra.sum((0, 2))
+            if i == lowest:
+                break
+            if diagonal is not None:
+                return None  # a curved activation's term through a convolution: a factor of rank C_out·H·W
+            factors = [(_vjp(module, shaped, s), sign) for s, sign in factors]
+        elif isinstance(module, SHAPING):
+            if diagonal is not None and not isinstance(module, nn.Flatten):
+                return None  # a curved activation's term through a pooling: no longer diagonal (or not kept so)
+            factors = [(_vjp(module, shaped, s), sign) for s, sign in factors]
+        elif isinstance(module, nn.Linear):
             d = _diag(factors, diagonal, out.detach().reshape(rows, -1))
             if f"{i}.weight" in names:
                 result[f"{i}.weight"] = torch.einsum("nj,nk->jk", d, a ** 2).reshape(-1)
@@ -131,8 +173,6 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
             if diagonal is not None:  # Wᵀ diag(D) W = (Wᵀ diag(√|D|)) diag(sign D) (…)ᵀ
                 factors.append((w.t().unsqueeze(0) * diagonal.abs().sqrt().unsqueeze(1), diagonal.sign()))
                 diagonal = None
-            if sum(s.numel() * s.element_size() for s, _ in factors) > budget_bytes:
-                return None
         elif not isinstance(module, (nn.Identity, nn.Dropout)):
             pre = a.detach().requires_grad_(True)
             first = torch.autograd.grad(module(pre).sum(), pre, create_graph=True)[0]
@@ -145,32 +185,53 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
             if second is not None and g_a is not None and second.count_nonzero():  # σ'' = 0 (ReLU): no residual
                 extra = second * g_a.detach().reshape(rows, -1)
                 diagonal = extra if diagonal is None else diagonal + extra
+        if sum(s.numel() * s.element_size() for s, _ in factors) > budget_bytes:
+            return None
     return {n: result[n].detach() for n in names}
 
 
-def _cheaper(model: nn.Sequential, rows: int, owner: Mapping[str, int], coords: int) -> bool:
-    """Whether the recursion down to the lowest wanted Linear costs no more multiply-adds (estimated from the layers'
-    shapes, ``rows`` rows of output) than ``coords`` HVPs per wanted tensor through its outputs: 2 multiply-adds per
-    row and weight of each Linear above it, plus ``HVP_OVERHEAD``; both pay a forward and a backward from there."""
-    size = {i: m.in_features * m.out_features for i, m in enumerate(model) if isinstance(m, nn.Linear)}
-    params = dict(model.named_parameters())
-    hvps = sum(min(coords, params[n].numel()) * (2 * rows * sum(v for i, v in size.items() if i > k) + HVP_OVERHEAD)
+def _cheaper(seen: Sequence[tuple[nn.Module, Tensor, Tensor]], rows: int, owner: Mapping[str, int], coords: int
+             ) -> bool:
+    """Whether the recursion down to the lowest wanted layer costs no more multiply-adds (estimated from the layers'
+    shapes in this forward, ``rows`` rows of output) than ``coords`` HVPs per wanted tensor through its outputs:
+    2 multiply-adds per row and product of each layer above it (and of its own, for a convolution's tensor, whose
+    HVPs are in its own space), plus ``HVP_OVERHEAD``; both pay a forward and a backward from there."""
+    macs = {i: out.numel() // rows * m.weight[0].numel() for i, (m, _, out) in enumerate(seen)
+            if isinstance(m, (nn.Linear, nn.Conv2d))}  # multiply-adds per row of each layer's forward
+    params = {n: p for i, (m, _, _) in enumerate(seen) for n, p in m.named_parameters(prefix=str(i))}
+    own = {k for k in owner.values() if isinstance(seen[k][0], nn.Conv2d)}  # HVPs in the tensor's own space
+    hvps = sum(min(coords, params[n].numel())
+               * (2 * rows * sum(v for i, v in macs.items() if i > k or (i == k and k in own)) + HVP_OVERHEAD)
                for n, k in owner.items())
-    width = model[max(size)].out_features
+    width = seen[-1][2].shape[-1]
     cost = width * (HVP_OVERHEAD + rows * width) + rows * (EIGH_CUBIC * width ** 3 + EIGH_SQUARE * width ** 2)
     rank, curved, lowest = width, False, min(owner.values())
-    for i in reversed(range(lowest, len(model))):
-        m = model[i]
-        if isinstance(m, nn.Linear):
-            cost += rows * m.out_features * rank + rows * size[i] * (f"{i}.weight" in owner)
-            if i == lowest:
-                break
-            cost += rows * size[i] * rank
-            rank += m.out_features * curved
+    for i in reversed(range(lowest, len(seen))):
+        m, _, out = seen[i]
+        if isinstance(m, nn.Conv2d):
+            cost += rows * macs[i] * rank * (f"{i}.weight" in owner)
+        elif isinstance(m, nn.Linear):
+            cost += rows * (out.shape[-1] * rank + macs[i] * (f"{i}.weight" in owner))
+        if i == lowest:
+            break
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            cost += rows * macs[i] * rank
+            rank += out.shape[-1] * curved
             curved = False
         else:
-            curved = curved or not isinstance(m, LINEAR_PIECES)
+            curved = curved or not isinstance(m, (*LINEAR_PIECES, *SHAPING))
     return cost <= hvps
+
+
+def _vjp(module: nn.Module, a: Tensor, s: Tensor) -> Tensor:
+    """The factor columns ``s`` (rows, width of the output, rank) taken back through ``module`` at its input ``a``:
+    (rows, width of the input, rank), one batched vector-Jacobian product (the module is linear in its input, or
+    piecewise so)."""
+    pre = a.detach().requires_grad_(True)
+    out = module(pre)
+    cols = s.permute(2, 0, 1).reshape(s.shape[-1], *out.shape)
+    (back,) = torch.autograd.grad(out, pre, cols, is_grads_batched=True)
+    return back.reshape(s.shape[-1], len(a), -1).permute(1, 2, 0)
 
 
 def _unit(z: Tensor, c: int) -> Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from geomaudit.engine.audit import audit_checkpoint
+from geomaudit.engine.backprop import exact_diagonals
 from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch
 
 from .test_hdiag import assert_close, ce_loss, mse_loss
@@ -188,3 +189,61 @@ def test_the_cheaper_method_runs(one, method):
     got = {n: engine.diagonal(n, np.arange(1 if one else model.get_parameter(n).numel())) for n in names}
     assert set(engine.methods.values()) == {method}
     check(model, mse_loss, batch, got)
+
+
+def images(n=6, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, 2, 8, 8, generator=g, dtype=torch.float64),
+            "c": torch.randint(0, 3, (n,), generator=g)}
+
+
+def cnn(seed=0, top=nn.ReLU):
+    """Every step a CNN adds: convolutions with padding, stride and dilation, max and average pooling, Flatten, and a
+    curved activation in the head whose term becomes a factor that travels down through all of them."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2, stride=1),
+                         top(), nn.AvgPool2d(2, stride=1), nn.Conv2d(4, 3, 2, padding=1, dilation=2), nn.Flatten(),
+                         nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+
+
+def test_every_entry_of_every_layer_of_a_cnn_matches_the_dense_hessian():
+    model, batch = cnn(), images()
+    got, methods = every_entry(model, ce_loss, batch)
+    assert set(methods.values()) == {"hessian-backprop"}
+    check(model, ce_loss, batch, got)
+
+
+def test_a_curved_activation_above_a_convolution_is_exact_there_and_not_below():
+    """Tanh above the second convolution: its term lands on that convolution exactly, but would have to become a
+    factor of the whole feature map's rank to go further down, so an audit that includes the first one takes HVPs."""
+    model, batch = cnn(top=nn.Tanh), images()
+    upper = ["3.weight", "3.bias", "6.weight", "8.weight"]
+    engine = DiagonalEngine(model, ce_loss, [MicroBatch(batch, 1.0)], layers=upper)
+    got = {n: engine.diagonal(n, np.arange(model.get_parameter(n).numel())) for n in upper}
+    assert set(engine.methods.values()) == {"hessian-backprop"}
+    check(model, ce_loss, batch, got)
+    for model in (model, nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 3, 3), nn.Tanh(), nn.Flatten(),
+                                       nn.Linear(48, 3)).double().eval()):  # through a pooling, a convolution
+        got, methods = every_entry(model, ce_loss, batch)
+        assert "hessian-backprop" not in methods.values()
+        check(model, ce_loss, batch, got)
+
+
+def test_a_linear_over_the_last_axis_of_an_image_takes_the_hvps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Linear(6, 2), nn.Flatten(), nn.Linear(36, 3)).double().eval()
+    batch = images()
+    got, methods = every_entry(model, ce_loss, batch)
+    assert "hessian-backprop" not in methods.values()
+    check(model, ce_loss, batch, got)
+
+
+def test_a_convolution_wider_than_the_budget_is_taken_a_slice_of_the_rank_at_a_time():
+    """A 7 × 7 kernel over 8 × 8 inputs: each rank column's (rows, C_out, C_in·7·7) products take 14 kB, so a 20 kB
+    budget computes the rank-3 factor's three columns one by one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 7), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3)).double().eval()
+    batch = images()
+    got = exact_diagonals(model, ce_loss, [MicroBatch(batch, 1.0)], 20_000, ["0.weight", "0.bias"])
+    assert got is not None
+    check(model, ce_loss, batch, got)
