@@ -153,6 +153,12 @@ def test_the_audit_reports_which_method_ran():
     result = audit_checkpoint(model, weight_decay, [MicroBatch(batch, 1.0)], ["0.weight"], coords=5, seed=0)
     assert result.layers[0].h_diag_method == "hvp"
     assert result.layers[0].to_dict()["h_diag_method"] == "hvp"
+    model, batch = cnn(), images()
+    result = audit_checkpoint(model, ce_loss, [MicroBatch(batch, 1.0)], ["0.weight", "6.bias"], coords=5, seed=0)
+    assert [la.to_dict()["h_diag_method"] for la in result.layers] == ["hessian-backprop"] * 2
+    hvps = DiagonalEngine(model, ce_loss, [MicroBatch(batch, 1.0)], backprop=False)
+    for la in result.layers:
+        assert_close(torch.as_tensor(la.h_diag), hvps.diagonal(la.name, la.indices), rtol=1e-10)
 
 
 def test_a_tensor_audited_alone_stops_the_recursion_there_and_ignores_penalties_on_others():
