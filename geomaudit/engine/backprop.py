@@ -1,7 +1,8 @@
 """The exact Hessian diagonal of every parameter of a Sequential MLP or CNN, by backpropagating the Hessian.
 
 For ``nn.Sequential`` models of ``nn.Linear`` layers, ``nn.Conv2d`` layers, element-wise activations
-(``ELEMENTWISE``) and ``SHAPING`` modules (Flatten, max and average pooling), whose loss
+(``ELEMENTWISE``), ``SHAPING`` modules (Flatten, max and average pooling) and eval-mode ``nn.BatchNorm2d`` (with
+running statistics: an affine map per channel), whose loss
 depends on the parameters only through the model's output and is a sum over the output's rows (examples, or tokens)
 — so that the Hessian of the loss in the output is block-diagonal over rows — the Hessian M_a = ∂²L/∂a² of each row's
 activations a is propagated backwards exactly (the recursion BackPACK's ``DiagHessian`` uses, written anew here):
@@ -82,7 +83,9 @@ def _supported(model: nn.Module) -> bool:
             return False
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
             return False
-        if not isinstance(m, (nn.Linear, nn.Conv2d, *SHAPING, *ELEMENTWISE)):
+        if isinstance(m, nn.BatchNorm2d) and (m.training or m.running_var is None):
+            return False  # batch statistics: the normalisation couples the rows
+        if not isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm2d, *SHAPING, *ELEMENTWISE)):
             return False
     return True
 
@@ -106,7 +109,7 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
     lowest = min(owner[n] for n in names)  # the recursion stops at this layer
     rows = z.reshape(-1, width).shape[0]
     if any(a.numel() // m.weight[0].numel() != rows if isinstance(m, nn.Linear) else a.shape[0] != rows
-           for m, a, _ in seen if isinstance(m, (nn.Linear, nn.Conv2d, *SHAPING))):
+           for m, a, _ in seen if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm2d, *SHAPING))):
         return None  # a layer whose rows are not the loss's (a Linear over the last axis of an image, say)
     if coords is not None and not _cheaper(seen, rows, {n: owner[n] for n in names}, coords):
         return None
@@ -146,16 +149,29 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
                 if extra is not None:
                     h += torch.einsum("nop,nkp->ok", extra, unfolded ** 2)
                 result[f"{i}.weight"] = h.reshape(-1)
-            if f"{i}.bias" in names:  # Σ_n Σ_r s_r (Σ_p S[(o,p),r])² + Σ_n Σ_p D[(o,p)]
-                h = torch.zeros(channels, dtype=out.dtype, device=out.device)
-                for s, sign in per_channel:
-                    h += (s.sum(2) ** 2 * sign.unsqueeze(1)).sum((0, 2))
-                result[f"{i}.bias"] = h if extra is None else h + extra.sum((0, 2))
+            if f"{i}.bias" in names:
+                result[f"{i}.bias"] = _per_channel(out, per_channel, extra)
             if i == lowest:
                 break
             if diagonal is not None:
                 return None  # a curved activation's term through a convolution: a factor of rank C_out·H·W
             factors = [(_vjp(module, shaped, s), sign) for s, sign in factors]
+        elif isinstance(module, nn.BatchNorm2d):  # y = γ n + β, n = (x - μ) / √(σ² + ε) per channel
+            channels = out.shape[1]
+            inv = (module.running_var.detach() + module.eps).rsqrt()
+            per_channel = [(s.reshape(rows, channels, -1, s.shape[-1]), sign) for s, sign in factors]
+            extra = None if diagonal is None else diagonal.reshape(rows, channels, -1)
+            if f"{i}.weight" in names:
+                normed = ((shaped.detach() - module.running_mean.detach()[:, None, None]) * inv[:, None, None])
+                result[f"{i}.weight"] = _per_channel(out, per_channel, extra, normed.reshape(rows, channels, -1))
+            if f"{i}.bias" in names:
+                result[f"{i}.bias"] = _per_channel(out, per_channel, extra)
+            if i == lowest:
+                break
+            scale = (inv if module.weight is None else module.weight.detach() * inv)[:, None, None]
+            factors = [((s * scale).reshape(rows, -1, s.shape[-1]), sign) for s, sign in per_channel]
+            if diagonal is not None:  # a diagonal scaling keeps the curved activations' term diagonal
+                diagonal = (extra * scale.squeeze(-1) ** 2).reshape(rows, -1)
         elif isinstance(module, SHAPING):
             if diagonal is not None and not isinstance(module, nn.Flatten):
                 return None  # a curved activation's term through a pooling: no longer diagonal (or not kept so)
@@ -219,8 +235,21 @@ def _cheaper(seen: Sequence[tuple[nn.Module, Tensor, Tensor]], rows: int, owner:
             rank += out.shape[-1] * curved
             curved = False
         else:
-            curved = curved or not isinstance(m, (*LINEAR_PIECES, *SHAPING))
+            curved = curved or not isinstance(m, (*LINEAR_PIECES, *SHAPING, nn.BatchNorm2d))
     return cost <= hvps
+
+
+def _per_channel(out: Tensor, per_channel: list[tuple[Tensor, Tensor]], extra: Tensor | None,
+                 u: Tensor | None = None) -> Tensor:
+    """H of a per-channel tensor whose entry c moves channel c of the output ``out`` by u (ones for a bias, the
+    normalised input for a BatchNorm weight): Σ_n Σ_r s_r (Σ_p S[(c,p),r] u_p)² + Σ_n Σ_p D[(c,p)] u_p², for factors
+    (rows, channels, positions, rank) and the diagonal ``extra`` (rows, channels, positions)."""
+    h = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+    for s, sign in per_channel:
+        h += ((s.sum(2) if u is None else torch.einsum("ncpr,ncp->ncr", s, u)) ** 2 * sign.unsqueeze(1)).sum((0, 2))
+    if extra is not None:
+        h += (extra if u is None else extra * u ** 2).sum((0, 2))
+    return h
 
 
 def _vjp(module: nn.Module, a: Tensor, s: Tensor) -> Tensor:

@@ -253,3 +253,25 @@ def test_a_convolution_wider_than_the_budget_is_taken_a_slice_of_the_rank_at_a_t
     got = exact_diagonals(model, ce_loss, [MicroBatch(batch, 1.0)], 20_000, ["0.weight", "0.bias"])
     assert got is not None
     check(model, ce_loss, batch, got)
+
+
+def test_an_eval_mode_batchnorm_is_a_per_channel_affine_map():
+    """BatchNorm2d with running statistics (eval): its γ and β and the convolution below it against the dense Hessian,
+    with a Tanh whose term goes through it, and one without affine map; in training mode (batch statistics couple the
+    rows) the HVPs."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), norm, nn.Tanh(), nn.BatchNorm2d(3, affine=False), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(27, 3)).double()
+    with torch.no_grad():  # statistics and an affine map far from the defaults
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2), norm.bias.uniform_(-1, 1)
+    model.eval()
+    batch = images()
+    got, methods = every_entry(model, ce_loss, batch)
+    assert set(methods.values()) == {"hessian-backprop"}
+    check(model, ce_loss, batch, got)
+    model.train()
+    got, methods = every_entry(model, ce_loss, batch)
+    assert "hessian-backprop" not in methods.values()
+    check(model, ce_loss, batch, got)
