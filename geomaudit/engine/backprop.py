@@ -39,9 +39,9 @@ ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU
 LINEAR_PIECES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Identity, nn.Dropout)  # σ'' = 0: no factor added below
 SHAPING = (nn.Flatten, nn.MaxPool2d, nn.AvgPool2d)  # (piecewise) linear, no parameters: factors go through their vjp
 ROW_CHECK_SEED = 0
-# The cost rule (``_cheaper``), in multiply-adds, fitted on a 2-core CPU (benchmarks/bench_hdiag.py --model mlp
-# --classes C): one HVP's fixed cost (autograd's calls, ≈ 75 µs at that CPU's 135 G multiply-adds per second), and a
-# batched symmetric eigendecomposition's per matrix of size C, ≈ 6 C³ + 5000 C² (C = 10 … 1000)
+# The cost rule (``_cheaper``), in multiply-adds, measured on a 2-core CPU: one HVP's fixed cost (autograd's calls,
+# ≈ 75 µs at that CPU's 135 G multiply-adds per second), and a batched symmetric eigendecomposition's per matrix of
+# size C, ≈ 6 C³ + 5000 C² (timed for C = 10 … 1000); checked by benchmarks/bench_cost_rule.py
 HVP_OVERHEAD = 1e7
 EIGH_CUBIC, EIGH_SQUARE = 6, 5e3
 
