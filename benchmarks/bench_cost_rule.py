@@ -14,20 +14,10 @@ import argparse
 import time
 
 import torch
-from torch import nn
+from bench_hdiag import build  # the same MLP and CNN, batches and seeds as the side-by-side benchmark
 
 from geomaudit.engine import backprop
 from geomaudit.engine.hdiag import DiagonalEngine, MicroBatch
-
-
-def build(kind: str, classes: int):
-    torch.manual_seed(0)
-    if kind == "mlp":
-        model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, classes))
-        return model.eval(), torch.randn(256, 256), ("0.weight", "2.weight")
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
-                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2048, classes))
-    return model.eval(), torch.randn(64, 3, 32, 32), ("0.weight", "3.weight")
 
 
 def seconds(model, loss, batch, layers, coords, recursion: bool) -> float:
@@ -53,12 +43,8 @@ def main() -> None:
     right = 0
     cases = 0
     for classes in args.classes:
-        model, x, (low, mid) = build(args.model, classes)
-        batch = {"x": x, "y": torch.randint(0, classes, (len(x),), generator=torch.Generator().manual_seed(1))}
-
-        def loss(m, t):
-            return nn.functional.cross_entropy(m(t["x"]), t["y"])
-
+        model, loss, batch, params = build(args.model, None, torch.device("cpu"), torch.float32, 0, classes)
+        low, mid = list(params)[:2]  # the first layer's weight, and one further up
         every = [n for n, _ in model.named_parameters()]
         for layers in ([low], [mid], every):
             for coords in (16, 64, 200) if layers is every else (16, 64):

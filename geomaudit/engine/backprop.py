@@ -133,12 +133,15 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
     for i in reversed(range(lowest, len(seen))):
         module, shaped, out = seen[i]
         a = shaped.detach().reshape(rows, -1)
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):  # the factors and diagonal per output channel
             channels = out.shape[1]
-            unfolded = nn.functional.unfold(shaped.detach(), module.kernel_size, module.dilation, module.padding,
-                                            module.stride)  # (rows, C_in·kh·kw, positions)
             per_channel = [(s.reshape(rows, channels, -1, s.shape[-1]), sign) for s, sign in factors]
             extra = None if diagonal is None else diagonal.reshape(rows, channels, -1)
+            if f"{i}.bias" in names:
+                result[f"{i}.bias"] = _per_channel(out, per_channel, extra)
+        if isinstance(module, nn.Conv2d):
+            unfolded = nn.functional.unfold(shaped.detach(), module.kernel_size, module.dilation, module.padding,
+                                            module.stride)  # (rows, C_in·kh·kw, positions)
             if f"{i}.weight" in names:  # Σ_n Σ_r s_r (Σ_p S[(o,p),r] U[k,p])² + Σ_n Σ_p D[(o,p)] U[k,p]²
                 h = torch.zeros(channels, unfolded.shape[1], dtype=out.dtype, device=out.device)
                 step = max(1, budget_bytes // (unfolded.element_size() * rows * channels * unfolded.shape[1]))
@@ -149,23 +152,16 @@ def _one_batch(model: nn.Sequential, loss_fn: Callable, tensors: Mapping[str, Te
                 if extra is not None:
                     h += torch.einsum("nop,nkp->ok", extra, unfolded ** 2)
                 result[f"{i}.weight"] = h.reshape(-1)
-            if f"{i}.bias" in names:
-                result[f"{i}.bias"] = _per_channel(out, per_channel, extra)
             if i == lowest:
                 break
             if diagonal is not None:
                 return None  # a curved activation's term through a convolution: a factor of rank C_out·H·W
             factors = [(_vjp(module, shaped, s), sign) for s, sign in factors]
         elif isinstance(module, nn.BatchNorm2d):  # y = γ n + β, n = (x - μ) / √(σ² + ε) per channel
-            channels = out.shape[1]
             inv = (module.running_var.detach() + module.eps).rsqrt()
-            per_channel = [(s.reshape(rows, channels, -1, s.shape[-1]), sign) for s, sign in factors]
-            extra = None if diagonal is None else diagonal.reshape(rows, channels, -1)
             if f"{i}.weight" in names:
                 normed = ((shaped.detach() - module.running_mean.detach()[:, None, None]) * inv[:, None, None])
                 result[f"{i}.weight"] = _per_channel(out, per_channel, extra, normed.reshape(rows, channels, -1))
-            if f"{i}.bias" in names:
-                result[f"{i}.bias"] = _per_channel(out, per_channel, extra)
             if i == lowest:
                 break
             scale = (inv if module.weight is None else module.weight.detach() * inv)[:, None, None]
